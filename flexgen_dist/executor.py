@@ -1,0 +1,213 @@
+"""The block schedule for one rank's contiguous range of layers.
+
+For every token step: each layer's weights are loaded once and used by all `num_gpu_batches`
+batches; while batch k computes, the next (layer, batch)'s KV cache and the next layer's weights
+load on I/O threads, and batch k's new KV is stored in the background. `overlap=False` runs the
+same schedule with every load and store done inline.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from .kvcache import KVCache
+from .memory import Devices, WeightHome, nbytes, read_file, to_device, write_file
+from .models.base import Layer, StepInputs
+from .policy import Policy, Tier, assign_weight_tiers, split_rows
+from .weights import TensorStore
+
+IO_THREADS = 4
+
+
+class Inline:
+    """A stand-in for a thread pool that runs each job at once (the `--overlap 0` schedule)."""
+
+    def submit(self, fn, *args) -> Future:
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
+@dataclass
+class LoadedWeights:
+    tensors: dict[str, torch.Tensor]
+    moved_bytes: int  # bytes materialised on the compute tier for this use only
+
+
+@dataclass
+class Timers:
+    io_wait: float = 0.0  # time compute sat waiting for a load
+    compute: float = 0.0
+
+
+class ActivationStore:
+    """Hidden states between layers, homed on one tier as the policy says."""
+
+    def __init__(self, devices: Devices, tier: Tier, directory: str):
+        self.devices, self.tier, self.directory = devices, tier, directory
+        self._held: dict[int, tuple] = {}
+
+    def put(self, k: int, x: torch.Tensor) -> None:
+        self.drop(k)
+        self.devices.usage[self.tier].add(nbytes(x))
+        if self.tier is Tier.DISK:
+            path = os.path.join(self.directory, f"act.{os.getpid()}.{k}")
+            write_file(path, x.cpu())
+            self._held[k] = (path, x.shape, x.dtype)
+        else:
+            self._held[k] = (to_device(x, self.devices.device_of(self.tier)),)
+
+    def get(self, k: int) -> torch.Tensor:
+        held = self._held[k]
+        if len(held) == 1:
+            return to_device(held[0], self.devices.compute)
+        path, shape, dtype = held
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        return read_file(path, n).view(dtype).view(shape).to(self.devices.compute)
+
+    def drop(self, k: int) -> None:
+        held = self._held.pop(k, None)
+        if held is None:
+            return
+        if len(held) == 1:
+            self.devices.usage[self.tier].sub(nbytes(held[0]))
+        else:
+            path, shape, dtype = held
+            self.devices.usage[self.tier].sub(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size())
+            os.remove(path)
+
+
+class LocalExecutor:
+    def __init__(self, layers: list[Layer], store: TensorStore, policy: Policy, devices: Devices,
+                 dtype: torch.dtype, work_dir: str):
+        self.layers, self.policy, self.devices, self.dtype, self.work_dir = layers, policy, devices, dtype, work_dir
+        self.homes = self._place_weights(store)
+        self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="flexgen-io") if policy.overlap else Inline()
+        self.acts = ActivationStore(devices, policy.act_tier, work_dir)
+        self.timers = Timers()
+        self._pending_stores: dict[tuple[int, int], Future] = {}
+        self._next_weights: Future | None = None
+
+    # ----- placement -------------------------------------------------------------------------
+    def _place_weights(self, store: TensorStore) -> dict[str, WeightHome]:
+        homes: dict[str, WeightHome] = {}
+        percents = self.policy.tier_percents("w")
+        for layer in self.layers:
+            sizes = [torch.Size(w.shape).numel() for w in layer.weights]
+            for w, tier in zip(layer.weights, assign_weight_tiers(sizes, percents)):
+                if w.name not in homes:  # a tied tensor is homed once, by its first layer
+                    homes[w.name] = self._home(store, w.name, w.shape, tier)
+        return homes
+
+    def _home(self, store: TensorStore, name: str, shape, tier: Tier) -> WeightHome:
+        home = WeightHome(name, tier, tuple(shape), self.dtype, path=store.path(name))
+        if tier is not Tier.DISK:
+            pin = tier is Tier.HOST and self.devices.pin_host
+            home.tensor = to_device(store.load(name), self.devices.device_of(tier), pin=pin)
+        self.devices.usage[tier].add(home.nbytes)
+        return home
+
+    def weight_bytes(self) -> dict[Tier, int]:
+        out = {t: 0 for t in Tier}
+        for home in self.homes.values():
+            out[home.tier] += home.nbytes
+        return out
+
+    # ----- KV cache ----------------------------------------------------------------------------
+    def allocate_caches(self, batch_rows: list[int], capacity: int) -> dict[tuple[int, int], KVCache]:
+        percents = self.policy.tier_percents("cache")
+        return {(j, k): KVCache(self.devices, split_rows(rows, percents), layer.kv_heads, layer.head_dim,
+                                capacity, self.dtype, os.path.join(self.work_dir, f"kv.{os.getpid()}.{j}.{k}"))
+                for j, layer in enumerate(self.layers) if layer.has_cache
+                for k, rows in enumerate(batch_rows)}
+
+    def free_caches(self, caches: dict[tuple[int, int], KVCache]) -> None:
+        self.drain()
+        for cache in caches.values():
+            cache.free()
+
+    def _load_kv(self, cache: KVCache, key, start: int, new: int):
+        pending = self._pending_stores.pop(key, None)
+        if pending is not None:
+            pending.result()  # last step's rows must be home before we read them
+        return cache.load(start, new)
+
+    # ----- weights -----------------------------------------------------------------------------
+    def _load_weights(self, j: int) -> LoadedWeights:
+        tensors, moved = {}, 0
+        for w in self.layers[j].weights:
+            home = self.homes[w.name]
+            tensors[w.key] = home.load(self.devices)
+            if home.tier is Tier.DISK or (home.tier is Tier.HOST and not self.devices.host_is_compute):
+                moved += home.nbytes
+        self.devices.usage[Tier.COMPUTE].add(moved)
+        return LoadedWeights(tensors, moved)
+
+    def _wait(self, future: Future):
+        t0 = time.perf_counter()
+        result = future.result()
+        self.timers.io_wait += time.perf_counter() - t0
+        return result
+
+    # ----- the schedule ------------------------------------------------------------------------
+    def forward_step(self, xs: list[torch.Tensor], inputs: list[StepInputs],
+                     caches: dict[tuple[int, int], KVCache]) -> list[torch.Tensor]:
+        """Run every layer of this rank over every batch for one token step."""
+        n, num_layers = len(xs), len(self.layers)
+        for k, x in enumerate(xs):
+            self.acts.put(k, x)
+        jobs = [(j, k) for j in range(num_layers) for k in range(n)]
+        cached_jobs = [job for job in jobs if job in caches]
+        kv_loads = {cached_jobs[0]: self._submit_kv_load(cached_jobs[0], inputs, caches)} if cached_jobs else {}
+        for j, k in jobs:
+            if k == 0:
+                weights = self._wait(self._next_weights or self.io.submit(self._load_weights, j))
+                self._next_weights = None
+                if self.policy.overlap:  # the next layer's weights (layer 0 of the next step at the end)
+                    self._next_weights = self.io.submit(self._load_weights, (j + 1) % num_layers)
+            kv = None
+            if (j, k) in caches:
+                kv = self._wait(kv_loads.pop((j, k)))
+                following = cached_jobs.index((j, k)) + 1
+                if following < len(cached_jobs):
+                    job = cached_jobs[following]
+                    kv_loads[job] = self._submit_kv_load(job, inputs, caches)
+            t0 = time.perf_counter()
+            args = (weights.tensors, self.acts.get(k), inputs[k]) + ((kv,) if kv is not None else ())
+            self.acts.put(k, self.layers[j].forward(*args))
+            self.timers.compute += time.perf_counter() - t0
+            if kv is not None:
+                start, end = inputs[k].start, inputs[k].start + inputs[k].positions.shape[1]
+                self._pending_stores[(j, k)] = self.io.submit(caches[(j, k)].store, kv, start, end)
+            if k == n - 1:
+                self.devices.usage[Tier.COMPUTE].sub(weights.moved_bytes)
+                del weights
+        outputs = [self.acts.get(k) for k in range(n)]
+        for k in range(n):
+            self.acts.drop(k)
+        return outputs
+
+    def _submit_kv_load(self, job, inputs, caches) -> Future:
+        j, k = job
+        return self.io.submit(self._load_kv, caches[job], job, inputs[k].start, inputs[k].positions.shape[1])
+
+    def drain(self) -> None:
+        """Wait for every background store and the speculative weight prefetch."""
+        for future in self._pending_stores.values():
+            future.result()
+        self._pending_stores.clear()
+        if self._next_weights is not None:
+            moved = self._next_weights.result().moved_bytes
+            self.devices.usage[Tier.COMPUTE].sub(moved)
+            self._next_weights = None
+
+    def close(self) -> None:
+        self.drain()
+        self.io.shutdown(wait=True)

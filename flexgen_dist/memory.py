@@ -1,0 +1,161 @@
+"""Tiers: the compute device, host memory and disk, with byte accounting and the one copy path.
+
+Disk reads of weights bypass the page cache (O_DIRECT) so a disk-homed weight costs no RAM between
+uses; files are padded to the alignment O_DIRECT needs.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import FlexGenError
+from .policy import Tier
+
+ALIGN = 4096
+READ_CHUNK = 64 << 20  # one read syscall moves at most this many bytes
+
+
+class StoreError(FlexGenError):
+    pass
+
+
+@dataclass
+class Usage:
+    """Bytes held on one tier now, and the most ever held."""
+
+    current: int = 0
+    peak: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, nbytes: int) -> None:
+        with self.lock:
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+
+    def sub(self, nbytes: int) -> None:
+        with self.lock:
+            self.current -= nbytes
+
+
+@dataclass
+class Devices:
+    """The torch devices behind the tiers, and what each tier holds."""
+
+    compute: torch.device
+    host: torch.device = torch.device("cpu")
+    pin_host: bool = False
+    usage: dict[Tier, Usage] = field(default_factory=lambda: {t: Usage() for t in Tier})
+
+    @classmethod
+    def detect(cls, pin_weight: bool = True) -> "Devices":
+        if torch.cuda.is_available():
+            return cls(torch.device("cuda", torch.cuda.current_device()), pin_host=pin_weight)
+        return cls(torch.device("cpu"))
+
+    @property
+    def host_is_compute(self) -> bool:
+        """True on a CPU-only machine: host tensors are usable by the math without a copy."""
+        return self.compute == self.host
+
+    def device_of(self, tier: Tier) -> torch.device:
+        return self.compute if tier is Tier.COMPUTE else self.host
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def padded(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def aligned_empty(n: int) -> torch.Tensor:
+    """A uint8 tensor of `n` bytes whose address is ALIGN-aligned (as O_DIRECT requires)."""
+    raw = torch.empty(n + ALIGN, dtype=torch.uint8)
+    offset = (-raw.data_ptr()) % ALIGN
+    return raw[offset:offset + n]
+
+
+def _open_direct(path: str) -> tuple[int, bool]:
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)), True
+    except OSError:  # filesystems such as tmpfs refuse O_DIRECT
+        return os.open(path, os.O_RDONLY), False
+
+
+def pread_all(fd: int, buf: torch.Tensor, offset: int, path: str) -> None:
+    """Fill the uint8 tensor `buf` from `fd` at `offset`, in chunks (one syscall moves < 2 GiB)."""
+    view, done = memoryview(buf.numpy()), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:done + READ_CHUNK]], offset + done)
+        if n == 0:
+            raise StoreError(f"tensor file {path} is truncated ({done} of {len(view)} bytes)")
+        done += n
+
+
+def read_file(path: str, nbytes_: int, into: torch.Tensor | None = None) -> torch.Tensor:
+    """Read the first `nbytes_` bytes of a padded tensor file, bypassing the page cache."""
+    size = padded(nbytes_)
+    buf = into if into is not None else aligned_empty(size)
+    try:
+        fd, direct = _open_direct(path)
+    except FileNotFoundError:
+        raise StoreError(f"tensor file {path} is missing") from None
+    try:
+        pread_all(fd, buf, 0, path)
+        if not direct and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return buf[:nbytes_]
+
+
+def write_file(path: str, tensor: torch.Tensor) -> None:
+    """Write a tensor's bytes padded to ALIGN (so O_DIRECT can read it back whole)."""
+    data = tensor.contiguous().view(torch.uint8).reshape(-1).numpy()
+    with open(path, "wb") as f:
+        f.write(memoryview(data))
+        f.write(b"\0" * (padded(len(data)) - len(data)))
+        f.flush()
+        os.fsync(f.fileno())
+    if hasattr(os, "posix_fadvise"):  # the page cache must not hold what we promise to keep on disk
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def to_device(t: torch.Tensor, device: torch.device, pin: bool = False) -> torch.Tensor:
+    """The one copy path between tiers (non-blocking from pinned memory on a GPU)."""
+    if t.device == device:
+        return t
+    if device.type == "cpu" and pin:
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.copy_(t)
+        return out
+    return t.to(device, non_blocking=t.is_pinned())
+
+
+@dataclass
+class WeightHome:
+    """One weight tensor at its home tier: a resident tensor, or a file read on every use."""
+
+    name: str
+    tier: Tier
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    tensor: torch.Tensor | None = None
+    path: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+
+    def load(self, devices: Devices) -> torch.Tensor:
+        """This weight on the compute device. Disk reads land in fresh memory freed after use."""
+        if self.tier is Tier.DISK:
+            raw = read_file(self.path, self.nbytes)
+            return to_device(raw.view(self.dtype).view(self.shape), devices.compute)
+        return to_device(self.tensor, devices.compute)

@@ -1,0 +1,113 @@
+"""The placement policy: where weights, KV cache and activations live, and how batches are formed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from enum import Enum
+
+from .errors import FlexGenError
+
+
+class PolicyError(FlexGenError):
+    pass
+
+
+class Tier(str, Enum):
+    """Where a tensor lives. Without a GPU, COMPUTE and HOST are both RAM but are accounted apart."""
+
+    COMPUTE = "compute"
+    HOST = "host"
+    DISK = "disk"
+
+
+@dataclass(kw_only=True)
+class Policy:
+    """FlexGen's policy. Each `*_gpu_percent`/`*_cpu_percent` pair leaves the rest to disk."""
+
+    gpu_batch_size: int = 4
+    """Sequences per batch that the compute device works on at once."""
+    num_gpu_batches: int = 1
+    """Batches per block; each layer's weights are loaded once per block (effective batch = product)."""
+    w_gpu_percent: float = 100
+    w_cpu_percent: float = 0
+    cache_gpu_percent: float = 100
+    cache_cpu_percent: float = 0
+    act_gpu_percent: float = 100
+    act_cpu_percent: float = 0
+    overlap: bool = True
+    """Prefetch weights and cache and store new KV on I/O threads while computing."""
+    sep_layer: bool = True
+    """Schedule attention and MLP as separate layers (finer-grained prefetch)."""
+    pin_weight: bool = True
+    """Pin host-homed weights when the compute device is a GPU (faster copies, more locked RAM)."""
+    cpu_cache_compute: bool = False
+    """Run decode attention on the CPU where the cache lives (only differs from the default on a GPU)."""
+
+    @classmethod
+    def from_percent(cls, percent, **kwargs) -> "Policy":
+        if len(percent) != 6:
+            raise PolicyError(f"--percent takes 6 numbers, got {len(percent)}")
+        names = ["w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent",
+                 "act_gpu_percent", "act_cpu_percent"]
+        return cls(**dict(zip(names, percent)), **kwargs)
+
+    @property
+    def percent(self) -> tuple[float, ...]:
+        return (self.w_gpu_percent, self.w_cpu_percent, self.cache_gpu_percent,
+                self.cache_cpu_percent, self.act_gpu_percent, self.act_cpu_percent)
+
+    @property
+    def block_size(self) -> int:
+        return self.gpu_batch_size * self.num_gpu_batches
+
+    def validate(self) -> "Policy":
+        for name in ("gpu_batch_size", "num_gpu_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise PolicyError(f"{name} must be a positive integer, got {value!r}")
+        for kind in ("w", "cache", "act"):
+            gpu, cpu = getattr(self, f"{kind}_gpu_percent"), getattr(self, f"{kind}_cpu_percent")
+            for value in (gpu, cpu):
+                if not 0 <= value <= 100:
+                    raise PolicyError(f"{kind} percent {value:g} is outside 0-100")
+            if gpu + cpu > 100:
+                raise PolicyError(f"{kind} percents {gpu:g} + {cpu:g} sum to more than 100")
+        if not any(p == 100 for p in self.tier_percents("act")):
+            raise PolicyError("activations must be 100% on one tier (act percents "
+                              f"{self.act_gpu_percent:g} {self.act_cpu_percent:g})")
+        return self
+
+    def tier_percents(self, kind: str) -> tuple[float, float, float]:
+        """(compute, host, disk) percents for 'w', 'cache' or 'act'."""
+        gpu, cpu = getattr(self, f"{kind}_gpu_percent"), getattr(self, f"{kind}_cpu_percent")
+        return gpu, cpu, 100 - gpu - cpu
+
+    @property
+    def act_tier(self) -> Tier:
+        return [Tier.COMPUTE, Tier.HOST, Tier.DISK][self.tier_percents("act").index(100)]
+
+    def describe(self) -> str:
+        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+
+def assign_weight_tiers(sizes: list[int], percents: tuple[float, float, float]) -> list[Tier]:
+    """FlexGen's rule: a tensor goes where the midpoint of its cumulative byte range falls,
+    with the layer's bytes laid out disk first, then host, then compute."""
+    gpu, cpu, disk = percents
+    total = sum(sizes) or 1
+    bounds = [(disk, Tier.DISK), (disk + cpu, Tier.HOST), (100.0, Tier.COMPUTE)]
+    tiers, cumulative = [], 0
+    for size in sizes:
+        mid = (cumulative + size / 2) / total * 100
+        cumulative += size
+        tiers.append(next(t for bound, t in bounds if mid < bound or t is Tier.COMPUTE))
+    return tiers
+
+
+def split_rows(rows: int, percents: tuple[float, float, float]) -> list[tuple[Tier, int, int]]:
+    """Split a batch of `rows` sequences into (tier, start, end) segments, compute first, then
+    host, then disk; each tier gets whole sequences (rounded down, the rest goes to disk)."""
+    gpu, cpu, _ = percents
+    n_gpu = int(rows * gpu / 100)
+    n_host = int(rows * (gpu + cpu) / 100) - n_gpu
+    cuts = [(Tier.COMPUTE, 0, n_gpu), (Tier.HOST, n_gpu, n_gpu + n_host), (Tier.DISK, n_gpu + n_host, rows)]
+    return [(tier, a, b) for tier, a, b in cuts if b > a]
