@@ -150,7 +150,7 @@ class TensorStore:
         if not missing:
             return
         for s in tqdm(missing, desc=f"converting weights into {self.root}", unit="tensor",
-                      disable=not progress or len(missing) < 8):
+                      disable=None if progress else True):
             t = source.get(s.name, s.shape, self.dtype)
             write_file(self.path(s.name), t)
             self.tensors[s.name] = {"shape": list(s.shape), "nbytes": t.numel() * t.element_size()}

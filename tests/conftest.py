@@ -1,0 +1,86 @@
+"""Fixtures: tiny random OPT checkpoints of both layouts and a small byte-level BPE tokenizer,
+built in-process (no network), plus transformers' own float32 generate as the reference."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+VOCAB = 320
+PROMPTS = [  # mixed lengths; left padding must not change any result
+    [2, 15, 16, 17, 18, 19, 20],
+    [2, 33],
+    [2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49],
+    [2, 99, 100, 101],
+    [2, 7, 8, 9, 10],
+]
+CORPUS = ("the quick brown fox jumps over the lazy dog. a stitch in time saves nine. "
+          "offloading moves weights between the compute device, host memory and disk. ") * 20
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def make_checkpoint(path, post_ln: bool, seed: int = 0, layers: int = 3, safetensors: bool = True):
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(seed)
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=layers,
+                    num_attention_heads=4, max_position_embeddings=64,
+                    word_embed_proj_dim=32 if post_ln else 64, do_layer_norm_before=not post_ln,
+                    pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    model = OPTForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None  # the reference runs to max_new_tokens unless told
+    model.save_pretrained(path, safe_serialization=safetensors, max_shard_size="200KB")
+    make_tokenizer().save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session", params=["pre_ln", "post_ln"])
+def opt_checkpoint(request, tmp_path_factory):
+    """(checkpoint dir, transformers model): pre-LN saved as sharded safetensors, post-LN (OPT-350m
+    layout) as sharded pytorch .bin."""
+    post = request.param == "post_ln"
+    path = tmp_path_factory.mktemp(request.param)
+    model = make_checkpoint(path, post_ln=post, safetensors=not post)
+    return str(path), model
+
+
+def left_padded(prompts, pad=1):
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    return ids, mask
+
+
+def reference_generate(model, prompts, max_new_tokens, **kwargs):
+    """transformers' own greedy generate in float32: (sequences, list of per-step logits)."""
+    ids, mask = left_padded(prompts)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=1, output_logits=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences, list(out.logits)
+
+
+def run_cli(*args, timeout=300, cwd=None):
+    """Run `python -m flexgen_dist.run` in a subprocess: (returncode, stdout, stderr)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run([sys.executable, "-m", "flexgen_dist.run", *map(str, args)], capture_output=True,
+                       text=True, timeout=timeout, cwd=cwd, env=env)
+    return p.returncode, p.stdout, p.stderr
