@@ -11,8 +11,8 @@ def test_weights_go_where_their_byte_midpoint_falls():
     assert assign_weight_tiers(sizes, (100, 0, 0)) == [Tier.COMPUTE] * 4
     assert assign_weight_tiers(sizes, (0, 0, 100)) == [Tier.DISK] * 4
     assert assign_weight_tiers(sizes, (0, 100, 0)) == [Tier.HOST] * 4
-    # a big tensor goes by its own midpoint (49.5 %), not by where it ends
-    assert assign_weight_tiers([1, 100, 1], (50, 0, 50)) == [Tier.DISK, Tier.DISK, Tier.COMPUTE]
+    # a big tensor goes by its own midpoint (51/104 = 49 %), not by where it ends
+    assert assign_weight_tiers([1, 100, 3], (50, 0, 50)) == [Tier.DISK, Tier.DISK, Tier.COMPUTE]
 
 
 def test_cache_rows_split_into_whole_sequences():
