@@ -46,8 +46,9 @@ class KVCache:
             return Segment(tier, slice(a, b), paths=paths)
         shape = (b - a, self.heads, self.capacity, self.head_dim)
         device = self.devices.device_of(tier)
-        return Segment(tier, slice(a, b), torch.zeros(shape, dtype=self.dtype, device=device),
-                       torch.zeros(shape, dtype=self.dtype, device=device))
+        # never zeroed: only rows already written are ever read
+        return Segment(tier, slice(a, b), torch.empty(shape, dtype=self.dtype, device=device),
+                       torch.empty(shape, dtype=self.dtype, device=device))
 
     @property
     def in_place(self) -> bool:

@@ -35,6 +35,17 @@ def embed(w, ids: torch.Tensor, inputs: StepInputs, *, spec: ModelSpec) -> torch
     return x + F.embedding(inputs.positions + POSITION_OFFSET, w["embed_positions"])
 
 
+def attend(q, k, v, bias):
+    """softmax(q k^T + bias) v, with q already scaled.
+
+    Prefill uses the fused kernel. For decode (one query), CPU kernels on a key/value slice of a
+    longer buffer are several times slower than a contiguous copy plus two plain matmuls."""
+    if q.shape[2] > 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    scores = (q @ k.contiguous().transpose(-1, -2)).float() + bias
+    return scores.softmax(dim=-1).to(q.dtype) @ v.contiguous()
+
+
 def attention(w, x, inputs: StepInputs, kv, *, spec: ModelSpec) -> torch.Tensor:
     residual = x
     if spec.do_layer_norm_before:
@@ -46,8 +57,7 @@ def attention(w, x, inputs: StepInputs, kv, *, spec: ModelSpec) -> torch.Tensor:
     end = inputs.start + s
     k_buf[:, :, inputs.start:end] = heads(F.linear(x, w["k.weight"], w["k.bias"]))
     v_buf[:, :, inputs.start:end] = heads(F.linear(x, w["v.weight"], w["v.bias"]))
-    out = F.scaled_dot_product_attention(q, k_buf[:, :, :end], v_buf[:, :, :end],
-                                         attn_mask=inputs.attn_bias, scale=1.0)
+    out = attend(q, k_buf[:, :, :end], v_buf[:, :, :end], inputs.attn_bias)
     out = F.linear(out.transpose(1, 2).reshape(b, s, -1), w["out.weight"], w["out.bias"]) + residual
     if not spec.do_layer_norm_before:
         out = _ln(out, w, "ln", spec.layer_norm_eps)
@@ -58,7 +68,7 @@ def mlp(w, x, inputs: StepInputs, *, spec: ModelSpec) -> torch.Tensor:
     residual = x
     if spec.do_layer_norm_before:
         x = _ln(x, w, "ln", spec.layer_norm_eps)
-    x = F.linear(F.relu(F.linear(x, w["fc1.weight"], w["fc1.bias"])), w["fc2.weight"], w["fc2.bias"])
+    x = F.linear(F.relu_(F.linear(x, w["fc1.weight"], w["fc1.bias"])), w["fc2.weight"], w["fc2.bias"])
     x = x + residual
     if not spec.do_layer_norm_before:
         x = _ln(x, w, "ln", spec.layer_norm_eps)
