@@ -21,6 +21,7 @@ from .policy import Policy, Tier, assign_weight_tiers, split_rows
 from .weights import TensorStore
 
 IO_THREADS = 4
+_WEIGHT_READERS = ThreadPoolExecutor(4, thread_name_prefix="flexgen-weights")
 
 
 class Inline:
@@ -141,10 +142,13 @@ class LocalExecutor:
 
     # ----- weights -----------------------------------------------------------------------------
     def _load_weights(self, j: int) -> LoadedWeights:
-        tensors, moved = {}, 0
-        for w in self.layers[j].weights:
-            home = self.homes[w.name]
-            tensors[w.key] = home.load(self.devices)
+        specs = self.layers[j].weights
+        homes = [self.homes[w.name] for w in specs]
+        # all of a layer's disk reads in flight at once: one request at a time leaves the SSD idle
+        loaded = _WEIGHT_READERS.map(lambda home: home.load(self.devices), homes)
+        tensors = {w.key: t for w, t in zip(specs, loaded)}
+        moved = 0
+        for home in homes:
             if home.tier is Tier.DISK or (home.tier is Tier.HOST and not self.devices.host_is_compute):
                 moved += home.nbytes
         self.devices.usage[Tier.COMPUTE].add(moved)

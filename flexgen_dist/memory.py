@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,8 @@ from .errors import FlexGenError
 from .policy import Tier
 
 ALIGN = 4096
-READ_CHUNK = 64 << 20  # one read syscall moves at most this many bytes
+READ_CHUNK = 8 << 20  # large reads are split into chunks of this size, read in parallel
+_READERS = ThreadPoolExecutor(4, thread_name_prefix="flexgen-read")
 
 
 class StoreError(FlexGenError):
@@ -86,14 +88,25 @@ def _open_direct(path: str) -> tuple[int, bool]:
         return os.open(path, os.O_RDONLY), False
 
 
-def pread_all(fd: int, buf: torch.Tensor, offset: int, path: str) -> None:
-    """Fill the uint8 tensor `buf` from `fd` at `offset`, in chunks (one syscall moves < 2 GiB)."""
-    view, done = memoryview(buf.numpy()), 0
+def _pread_range(fd: int, view: memoryview, offset: int, path: str) -> None:
+    done = 0
     while done < len(view):
-        n = os.preadv(fd, [view[done:done + READ_CHUNK]], offset + done)
+        n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
-            raise StoreError(f"tensor file {path} is truncated ({done} of {len(view)} bytes)")
+            raise StoreError(f"tensor file {path} is truncated ({offset + done} bytes readable, "
+                             f"{offset + len(view)} expected)")
         done += n
+
+
+def pread_all(fd: int, buf: torch.Tensor, offset: int, path: str) -> None:
+    """Fill the uint8 tensor `buf` from `fd` at `offset`. Large reads are split into chunks read in
+    parallel: an SSD needs several requests in flight to reach its sequential bandwidth."""
+    view = memoryview(buf.numpy())
+    chunks = [(view[i:i + READ_CHUNK], offset + i) for i in range(0, len(view), READ_CHUNK)]
+    if len(chunks) == 1:
+        _pread_range(fd, view, offset, path)
+        return
+    list(_READERS.map(lambda c: _pread_range(fd, c[0], c[1], path), chunks))
 
 
 def read_file(path: str, nbytes_: int, into: torch.Tensor | None = None) -> torch.Tensor:
