@@ -118,6 +118,8 @@ class Engine:
                         dummy_weights: bool = False, seed: int = 0) -> "Engine":
         policy = (policy or Policy()).validate()
         devices = Devices.detect(policy.pin_weight)
+        if policy.cpu_cache_compute and devices.compute.type != "cpu":
+            raise FlexGenError("--cpu-cache-compute is not implemented for CUDA compute devices yet")
         dtype = resolve_dtype(dtype, devices)
         offload_dir = prepare_offload_dir(offload_dir)
         model = resolve_model(name_or_path, dummy_weights=dummy_weights, seed=seed)

@@ -26,6 +26,8 @@ def str2bool(value: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flexgen_dist.run", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="JSON file of defaults for any flag below (keys as flag names with _); "
+                   "flags given on the command line win")
     p.add_argument("--model", default="opt-125m", help="built-in name, local HF directory or hub id")
     p.add_argument("--dummy-weights", action="store_true", help="seeded random weights (benchmark mode)")
     p.add_argument("--tokenizer", help="tokenizer directory, when the model directory has none")
@@ -146,9 +148,33 @@ def write_outputs(path: str, prompts, rows: list[list[int]], stop: list[int], en
             f.write(json.dumps(record) + "\n")
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        parser.set_defaults(**load_config(args.config, parser))
+        args = parser.parse_args(argv)
+    return args
+
+
+def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
     try:
+        with open(path) as f:
+            values = json.load(f)
+    except FileNotFoundError:
+        raise FlexGenError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise FlexGenError(f"config file {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise FlexGenError(f"config file {path}: unknown key {unknown[0]!r}")
+    return values
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
         return run(args)
     except FlexGenError as e:
         print(f"error: {e}", file=sys.stderr)

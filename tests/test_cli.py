@@ -164,3 +164,20 @@ def test_store_damage_is_reported(ckpt, capsys, tmp_path):
 def test_no_traceback_from_a_subprocess(tmp_path):
     code, stdout, stderr = run_cli("--dummy-weights", "--percent", 100, 0, 100, 0, 100, 101, "--offload-dir", tmp_path)
     assert code == 2 and stderr.strip().splitlines() == ["error: act percent 101 is outside 0-100"]
+
+
+def test_config_file_sets_defaults_and_flags_override(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": "opt-125m", "dummy_weights": True, "gpu_batch_size": 3,
+                                  "prompt_len": 4, "gen_len": 2}))
+    code, out, err = run_cli("--config", config, "--gen-len", 3, "--offload-dir", tmp_path)
+    assert code == 0, err
+    assert "prompts: 3" in out and "generated tokens: 9" in out
+
+
+def test_config_file_errors(capsys, tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"gpu_batch": 3}))
+    assert "unknown key 'gpu_batch'" in bad(["--config", config], capsys)
+    config.write_text("{")
+    assert "is not valid JSON" in bad(["--config", config], capsys)
