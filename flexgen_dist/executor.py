@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compression import CompressedTensor
+from .kernels import can_pack, pack_linear_weight
 from .kvcache import KVCache
 from .memory import Devices, WeightHome, nbytes, read_file, to_device, write_file
 from .models.base import Layer, StepInputs
@@ -98,20 +100,30 @@ class LocalExecutor:
 
     # ----- placement -------------------------------------------------------------------------
     def _place_weights(self, store: TensorStore) -> dict[str, WeightHome]:
+        """Home every weight by FlexGen's rule, on the bytes it really takes (packed if compressed)."""
         homes: dict[str, WeightHome] = {}
         percents = self.policy.tier_percents("w")
+        only_linear = {}  # tensors every user multiplies with (a tied embedding is also looked up)
+        for w in (w for layer in self.layers for w in layer.weights):
+            only_linear[w.name] = only_linear.get(w.name, True) and w.linear
         for layer in self.layers:
-            sizes = [torch.Size(w.shape).numel() for w in layer.weights]
+            sizes = [store.nbytes(w.name) for w in layer.weights]
             for w, tier in zip(layer.weights, assign_weight_tiers(sizes, percents)):
                 if w.name not in homes:  # a tied tensor is homed once, by its first layer
-                    homes[w.name] = self._home(store, w.name, w.shape, tier)
+                    homes[w.name] = self._home(store, w.name, tier, only_linear[w.name])
         return homes
 
-    def _home(self, store: TensorStore, name: str, shape, tier: Tier) -> WeightHome:
-        home = WeightHome(name, tier, tuple(shape), self.dtype, path=store.path(name))
+    def _home(self, store: TensorStore, name: str, tier: Tier, only_linear: bool) -> WeightHome:
+        home = WeightHome(name, tier, store.nbytes(name), store)
         if tier is not Tier.DISK:
-            pin = tier is Tier.HOST and self.devices.pin_host
-            home.tensor = to_device(store.load(name), self.devices.device_of(tier), pin=pin)
+            value = store.read(name)
+            device = self.devices.device_of(tier)
+            if isinstance(value, CompressedTensor):
+                home.value = value.to(device)
+            elif only_linear and device == self.devices.compute and can_pack(device, self.dtype):
+                home.value = pack_linear_weight(value, self.policy.gpu_batch_size)
+            else:
+                home.value = to_device(value, device, pin=tier is Tier.HOST and self.devices.pin_host)
         self.devices.usage[tier].add(home.nbytes)
         return home
 

@@ -153,22 +153,24 @@ def to_device(t: torch.Tensor, device: torch.device, pin: bool = False) -> torch
 
 @dataclass
 class WeightHome:
-    """One weight tensor at its home tier: a resident tensor, or a file read on every use."""
+    """One weight tensor at its home tier: resident (plain or compressed), or read from the store
+    on every use. `nbytes` is what it really occupies there (packed size when compressed)."""
 
     name: str
     tier: Tier
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    tensor: torch.Tensor | None = None
-    path: str | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+    nbytes: int
+    store: object  # the TensorStore it comes from
+    value: object = None  # resident tensor or CompressedTensor
 
     def load(self, devices: Devices) -> torch.Tensor:
-        """This weight on the compute device. Disk reads land in fresh memory freed after use."""
-        if self.tier is Tier.DISK:
-            raw = read_file(self.path, self.nbytes)
-            return to_device(raw.view(self.dtype).view(self.shape), devices.compute)
-        return to_device(self.tensor, devices.compute)
+        """This weight on the compute device, decompressed there if it is stored compressed."""
+        value = self.store.read(self.name) if self.tier is Tier.DISK else self.value
+        return materialize(value, devices.compute)
+
+
+def materialize(value, device: torch.device) -> torch.Tensor:
+    """A plain tensor on `device` from a tensor or a CompressedTensor (decompressed on `device`)."""
+    from .compression import CompressedTensor, dequantize
+    if isinstance(value, CompressedTensor):
+        return dequantize(value.to(device, non_blocking=value.data.is_pinned()))
+    return to_device(value, device)

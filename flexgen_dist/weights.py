@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .memory import StoreError, padded, write_file
+from .compression import CompressedTensor, CompressionConfig, quantize
+from .memory import StoreError, nbytes, padded, read_file, write_file
 from .models import ModelError, ModelSpec, builtin_spec, family_of, spec_from_dir
 from .models.base import WeightSpec
 
@@ -131,14 +132,25 @@ def _names() -> list[str]:
 
 class TensorStore:
     """One file per tensor (padded for O_DIRECT) plus a manifest; the manifest is written last, so a
-    conversion that died leaves tensors the manifest does not list, and they are converted again."""
+    conversion that died leaves tensors the manifest does not list, and they are converted again.
+    With `compression`, matmul weights are stored packed: codes in `NAME.q.bin`, the per-group
+    minimum and step in `NAME.s.bin`."""
 
-    def __init__(self, root: str, fingerprint: str, dtype: torch.dtype):
-        self.root, self.fingerprint, self.dtype = root, fingerprint, dtype
+    def __init__(self, root: str, fingerprint: str, dtype: torch.dtype,
+                 compression: CompressionConfig | None = None):
+        self.root, self.fingerprint, self.dtype, self.compression = root, fingerprint, dtype, compression
         self.tensors: dict[str, dict] = {}
 
-    def path(self, name: str) -> str:
-        return os.path.join(self.root, name + ".bin")
+    def files(self, name: str) -> dict[str, str]:
+        """Role -> path of the files holding `name` ("raw", or "codes" and "scales")."""
+        if "packed" in self.tensors.get(name, {}):
+            return {"codes": os.path.join(self.root, name + ".q.bin"),
+                    "scales": os.path.join(self.root, name + ".s.bin")}
+        return {"raw": os.path.join(self.root, name + ".bin")}
+
+    def nbytes(self, name: str) -> int:
+        entry = self.tensors[name]
+        return sum(entry["packed"]["nbytes"]) if "packed" in entry else entry["nbytes"]
 
     def ensure(self, specs: list[WeightSpec], source, progress: bool = True) -> None:
         """Make every tensor in `specs` available, converting what is missing."""
@@ -151,10 +163,21 @@ class TensorStore:
             return
         for s in tqdm(missing, desc=f"converting weights into {self.root}", unit="tensor",
                       disable=None if progress else True):
-            t = source.get(s.name, s.shape, self.dtype)
-            write_file(self.path(s.name), t)
-            self.tensors[s.name] = {"shape": list(s.shape), "nbytes": t.numel() * t.element_size()}
+            self.tensors[s.name] = self._convert(s, source.get(s.name, s.shape, self.dtype))
         self._write_manifest()
+
+    def _convert(self, spec: WeightSpec, t: torch.Tensor) -> dict:
+        entry = {"shape": list(spec.shape), "nbytes": t.numel() * t.element_size()}
+        if self.compression is None or not spec.compressible:
+            write_file(os.path.join(self.root, spec.name + ".bin"), t)
+            return entry
+        c = quantize(t, self.compression)
+        scales = torch.stack([c.mins, c.steps])
+        write_file(os.path.join(self.root, spec.name + ".q.bin"), c.data)
+        write_file(os.path.join(self.root, spec.name + ".s.bin"), scales)
+        entry["packed"] = {"codes": list(c.data.shape), "scales": list(scales.shape),
+                           "nbytes": [nbytes(c.data), nbytes(scales)]}
+        return entry
 
     def _open_or_reset(self) -> None:
         manifest = os.path.join(self.root, MANIFEST)
@@ -165,38 +188,46 @@ class TensorStore:
             data = None
         except (json.JSONDecodeError, UnicodeDecodeError):
             data = {}
-        expected = {"version": STORE_VERSION, "source": self.fingerprint, "dtype": str(self.dtype)}
+        expected = self._identity()
         if data is not None and {k: data.get(k) for k in expected} != expected:
-            print(f"note: weight store {self.root} is stale (checkpoint or dtype changed); rebuilding")
+            print(f"note: weight store {self.root} is stale (checkpoint, dtype or compression changed); rebuilding")
             shutil.rmtree(self.root)
             data = None
         self.tensors = (data or {}).get("tensors", {})
         os.makedirs(self.root, exist_ok=True)
 
+    def _identity(self) -> dict:
+        return {"version": STORE_VERSION, "source": self.fingerprint, "dtype": str(self.dtype),
+                "compression": None if self.compression is None else vars(self.compression)}
+
     def _check(self, name: str, spec: WeightSpec) -> None:
-        entry, path = self.tensors[name], self.path(name)
+        entry = self.tensors[name]
         if entry["shape"] != list(spec.shape):
             raise StoreError(f"weight store {self.root}: {name} has shape {entry['shape']}, expected "
                              f"{list(spec.shape)}; delete the store to rebuild it")
-        if not os.path.exists(path):
-            raise StoreError(f"weight store {self.root}: tensor file {path} is missing; "
-                             "delete the store to rebuild it")
-        size, want = os.path.getsize(path), padded(entry["nbytes"])
-        if size < want:
-            raise StoreError(f"weight store {self.root}: tensor file {path} is truncated "
-                             f"({size} of {want} bytes); delete the store to rebuild it")
+        sizes = entry["packed"]["nbytes"] if "packed" in entry else [entry["nbytes"]]
+        for path, n in zip(self.files(name).values(), sizes):
+            if not os.path.exists(path):
+                raise StoreError(f"weight store {self.root}: tensor file {path} is missing; "
+                                 "delete the store to rebuild it")
+            size, want = os.path.getsize(path), padded(n)
+            if size < want:
+                raise StoreError(f"weight store {self.root}: tensor file {path} is truncated "
+                                 f"({size} of {want} bytes); delete the store to rebuild it")
 
     def _write_manifest(self) -> None:
-        data = {"version": STORE_VERSION, "source": self.fingerprint, "dtype": str(self.dtype),
-                "tensors": self.tensors}
+        data = {**self._identity(), "tensors": self.tensors}
         tmp = os.path.join(self.root, MANIFEST + ".tmp")
         with open(tmp, "w") as f:
             json.dump(data, f)
         os.replace(tmp, os.path.join(self.root, MANIFEST))
 
-    def load(self, name: str) -> torch.Tensor:
-        """Read one stored tensor into ordinary memory (used for weights homed in memory)."""
-        from .memory import read_file
-        entry = self.tensors[name]
-        raw = read_file(self.path(name), entry["nbytes"])
-        return raw.view(self.dtype).view(entry["shape"])
+    def read(self, name: str):
+        """One stored tensor from disk (bypassing the page cache): a tensor, or a CompressedTensor."""
+        entry, files = self.tensors[name], self.files(name)
+        if "packed" not in entry:
+            return read_file(files["raw"], entry["nbytes"]).view(self.dtype).view(entry["shape"])
+        packed = entry["packed"]
+        codes = read_file(files["codes"], packed["nbytes"][0]).view(packed["codes"])
+        scales = read_file(files["scales"], packed["nbytes"][1]).view(self.dtype).view(packed["scales"])
+        return CompressedTensor(codes, scales[0], scales[1], tuple(entry["shape"]), self.compression)

@@ -19,6 +19,7 @@ class WeightSpec:
     name: str
     shape: tuple[int, ...]
     compressible: bool = False  # matmul weights only; never LayerNorm parameters or biases
+    linear: bool = False  # used as a `kernels.linear` weight (may be packed for the device)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Layer:
 
 def merge_layers(name: str, parts: list[Layer]) -> Layer:
     """Run several layers as one schedule layer (FlexGen's `--sep-layer 0`)."""
-    weights = [WeightSpec(f"{i}.{w.key}", w.name, w.shape, w.compressible)
+    weights = [WeightSpec(f"{i}.{w.key}", w.name, w.shape, w.compressible, w.linear)
                for i, p in enumerate(parts) for w in p.weights]
     cached = [p for p in parts if p.has_cache]
     assert len(cached) <= 1, "a merged layer holds at most one KV cache"

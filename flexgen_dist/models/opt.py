@@ -9,6 +9,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from ..kernels import linear
 from .base import Layer, StepInputs, WeightSpec, merge_layers
 from .registry import ModelSpec
 
@@ -31,7 +32,7 @@ def _ln(x, w, prefix, eps):
 def embed(w, ids: torch.Tensor, inputs: StepInputs, *, spec: ModelSpec) -> torch.Tensor:
     x = F.embedding(ids, w["embed_tokens"])
     if "project_in" in w:
-        x = F.linear(x, w["project_in"])
+        x = linear(x, w["project_in"])
     return x + F.embedding(inputs.positions + POSITION_OFFSET, w["embed_positions"])
 
 
@@ -52,13 +53,13 @@ def attention(w, x, inputs: StepInputs, kv, *, spec: ModelSpec) -> torch.Tensor:
         x = _ln(x, w, "ln", spec.layer_norm_eps)
     b, s, _ = x.shape
     heads = lambda t: t.view(b, s, spec.num_heads, spec.head_dim).transpose(1, 2)  # noqa: E731
-    q = heads(F.linear(x, w["q.weight"], w["q.bias"]) * spec.head_dim ** -0.5)
+    q = heads(linear(x, w["q.weight"], w["q.bias"]) * spec.head_dim ** -0.5)
     k_buf, v_buf = kv
     end = inputs.start + s
-    k_buf[:, :, inputs.start:end] = heads(F.linear(x, w["k.weight"], w["k.bias"]))
-    v_buf[:, :, inputs.start:end] = heads(F.linear(x, w["v.weight"], w["v.bias"]))
+    k_buf[:, :, inputs.start:end] = heads(linear(x, w["k.weight"], w["k.bias"]))
+    v_buf[:, :, inputs.start:end] = heads(linear(x, w["v.weight"], w["v.bias"]))
     out = attend(q, k_buf[:, :, :end], v_buf[:, :, :end], inputs.attn_bias)
-    out = F.linear(out.transpose(1, 2).reshape(b, s, -1), w["out.weight"], w["out.bias"]) + residual
+    out = linear(out.transpose(1, 2).reshape(b, s, -1), w["out.weight"], w["out.bias"]) + residual
     if not spec.do_layer_norm_before:
         out = _ln(out, w, "ln", spec.layer_norm_eps)
     return out
@@ -68,7 +69,7 @@ def mlp(w, x, inputs: StepInputs, *, spec: ModelSpec) -> torch.Tensor:
     residual = x
     if spec.do_layer_norm_before:
         x = _ln(x, w, "ln", spec.layer_norm_eps)
-    x = F.linear(F.relu_(F.linear(x, w["fc1.weight"], w["fc1.bias"])), w["fc2.weight"], w["fc2.bias"])
+    x = linear(F.relu_(linear(x, w["fc1.weight"], w["fc1.bias"])), w["fc2.weight"], w["fc2.bias"])
     x = x + residual
     if not spec.do_layer_norm_before:
         x = _ln(x, w, "ln", spec.layer_norm_eps)
@@ -81,16 +82,17 @@ def output_head(w, x, inputs: StepInputs, *, spec: ModelSpec) -> torch.Tensor:
     if "ln.weight" in w:
         x = _ln(x, w, "ln", spec.layer_norm_eps)
     if "project_out" in w:
-        x = F.linear(x, w["project_out"])
-    return F.linear(x, w["embed_tokens"]).float()
+        x = linear(x, w["project_out"])
+    return linear(x, w["embed_tokens"]).float()
 
 
-def _specs(prefix: str, entries: list[tuple[str, str, tuple, bool]]) -> list[WeightSpec]:
-    return [WeightSpec(key, f"{prefix}{name}", shape, comp) for key, name, shape, comp in entries]
+def _specs(prefix: str, entries: list[tuple]) -> list[WeightSpec]:
+    """(key, name, shape, compressible[, used by linear]) -> WeightSpecs."""
+    return [WeightSpec(key, f"{prefix}{name}", shape, e[0], *e[1:]) for key, name, shape, *e in entries]
 
 
 def _linear(key: str, name: str, out_f: int, in_f: int):
-    return [(f"{key}.weight", f"{name}.weight", (out_f, in_f), True),
+    return [(f"{key}.weight", f"{name}.weight", (out_f, in_f), True, True),
             (f"{key}.bias", f"{name}.bias", (out_f,), False)]
 
 
@@ -111,9 +113,9 @@ def build_layers(spec: ModelSpec, first: int = 0, last: int | None = None,
     layers: list[Layer] = []
     if with_embed:
         entries = [("embed_tokens", "embed_tokens.weight", (spec.vocab_size, e), True),
-                   ("embed_positions", "embed_positions.weight", (spec.max_positions + POSITION_OFFSET, h), False)]
+                   ("embed_positions", "embed_positions.weight", (spec.max_positions + POSITION_OFFSET, h), True)]
         if spec.word_embed_proj_dim:
-            entries.append(("project_in", "project_in.weight", (h, e), True))
+            entries.append(("project_in", "project_in.weight", (h, e), True, True))
         layers.append(Layer("embed", _specs("decoder.", entries), partial(embed, spec=spec)))
     for i in range(first, last):
         p = f"decoder.layers.{i}."
@@ -130,7 +132,7 @@ def build_layers(spec: ModelSpec, first: int = 0, last: int | None = None,
         if spec.do_layer_norm_before:
             entries += _layer_norm("ln", "final_layer_norm", h)
         if spec.word_embed_proj_dim:
-            entries.append(("project_out", "project_out.weight", (e, h), True))
-        entries.append(("embed_tokens", "embed_tokens.weight", (spec.vocab_size, e), True))
+            entries.append(("project_out", "project_out.weight", (e, h), True, True))
+        entries.append(("embed_tokens", "embed_tokens.weight", (spec.vocab_size, e), True, True))
         layers.append(Layer("head", _specs("decoder.", entries), partial(output_head, spec=spec)))
     return layers
