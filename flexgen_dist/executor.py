@@ -136,8 +136,10 @@ class LocalExecutor:
     # ----- KV cache ----------------------------------------------------------------------------
     def allocate_caches(self, batch_rows: list[int], capacity: int) -> dict[tuple[int, int], KVCache]:
         percents = self.policy.tier_percents("cache")
+        compression = self.policy.cache_compression()
         return {(j, k): KVCache(self.devices, split_rows(rows, percents), layer.kv_heads, layer.head_dim,
-                                capacity, self.dtype, os.path.join(self.work_dir, f"kv.{os.getpid()}.{j}.{k}"))
+                                capacity, self.dtype, os.path.join(self.work_dir, f"kv.{os.getpid()}.{j}.{k}"),
+                                compression)
                 for j, layer in enumerate(self.layers) if layer.has_cache
                 for k, rows in enumerate(batch_rows)}
 

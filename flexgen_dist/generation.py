@@ -124,8 +124,10 @@ class Engine:
         offload_dir = prepare_offload_dir(offload_dir)
         model = resolve_model(name_or_path, dummy_weights=dummy_weights, seed=seed)
         layers = family_of(model.spec).build_layers(model.spec, sep_layer=policy.sep_layer)
-        store_dir = os.path.join(offload_dir, "weights", f"{model.store_key}-{str(dtype).split('.')[-1]}")
-        store = TensorStore(store_dir, model.source.fingerprint, dtype)
+        compression = policy.weight_compression()
+        suffix = f"-q{compression.num_bits}g{compression.group_size}" if compression else ""
+        store_dir = os.path.join(offload_dir, "weights", f"{model.store_key}-{str(dtype).split('.')[-1]}{suffix}")
+        store = TensorStore(store_dir, model.source.fingerprint, dtype, compression)
         store.ensure([w for layer in layers for w in layer.weights], model.source)
         work_dir = os.path.join(offload_dir, "work")
         os.makedirs(work_dir, exist_ok=True)

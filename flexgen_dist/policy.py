@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from enum import Enum
 
+from .compression import CompressionConfig
 from .errors import FlexGenError
 
 
@@ -41,6 +42,20 @@ class Policy:
     """Pin host-homed weights when the compute device is a GPU (faster copies, more locked RAM)."""
     cpu_cache_compute: bool = False
     """Run decode attention on the CPU where the cache lives (only differs from the default on a GPU)."""
+    compress_weight: bool = False
+    """Store matmul weights as group-wise quantized codes on every tier; decompress just before use."""
+    compress_cache: bool = False
+    """Store the KV cache quantized on every tier; compress on store, decompress on load."""
+    compress_bits: int = 4
+    compress_group_size: int = 64
+
+    def weight_compression(self) -> CompressionConfig | None:
+        """Weights are grouped along their first dimension (output channels), as FlexGen does."""
+        return CompressionConfig(self.compress_bits, self.compress_group_size, dim=0) if self.compress_weight else None
+
+    def cache_compression(self) -> CompressionConfig | None:
+        """The cache is grouped along head_dim (set per layer; dim here is a placeholder)."""
+        return CompressionConfig(self.compress_bits, self.compress_group_size, dim=-1) if self.compress_cache else None
 
     @classmethod
     def from_percent(cls, percent, **kwargs) -> "Policy":
@@ -71,6 +86,8 @@ class Policy:
                     raise PolicyError(f"{kind} percent {value:g} is outside 0-100")
             if gpu + cpu > 100:
                 raise PolicyError(f"{kind} percents {gpu:g} + {cpu:g} sum to more than 100")
+        if self.compress_weight or self.compress_cache:
+            CompressionConfig(self.compress_bits, self.compress_group_size)  # raises on bad values
         if not any(p == 100 for p in self.tier_percents("act")):
             raise PolicyError("activations must be 100% on one tier (act percents "
                               f"{self.act_gpu_percent:g} {self.act_cpu_percent:g})")

@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-cache-compute", action="store_true")
     p.add_argument("--overlap", type=str2bool, nargs="?", const=True, default=True)
     p.add_argument("--sep-layer", type=str2bool, nargs="?", const=True, default=True)
+    p.add_argument("--compress-weight", action="store_true", help="4-bit group-wise weights on every tier")
+    p.add_argument("--compress-cache", action="store_true", help="4-bit group-wise KV cache on every tier")
+    p.add_argument("--compress-bits", type=int, default=4, choices=[4, 8])
+    p.add_argument("--compress-group-size", type=int, default=64)
     p.add_argument("--offload-dir", default="~/flexgen_offload_dir")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="compute dtype (default: float16 on CUDA, bfloat16 on CPU)")
@@ -62,7 +66,9 @@ def policy_from_args(args) -> Policy:
     return Policy.from_percent(args.percent, gpu_batch_size=args.gpu_batch_size,
                                num_gpu_batches=args.num_gpu_batches, overlap=args.overlap,
                                sep_layer=args.sep_layer, pin_weight=args.pin_weight,
-                               cpu_cache_compute=args.cpu_cache_compute).validate()
+                               cpu_cache_compute=args.cpu_cache_compute, compress_weight=args.compress_weight,
+                               compress_cache=args.compress_cache, compress_bits=args.compress_bits,
+                               compress_group_size=args.compress_group_size).validate()
 
 
 def stop_ids(values: list[str], tokenizer) -> list[int]:

@@ -1,0 +1,90 @@
+"""With compression on, every placement gives the tokens of an uncompressed run whose weights and
+KV cache went through quantize -> dequantize once: compression is the only difference."""
+import re
+
+import pytest
+import torch
+
+from conftest import PROMPTS
+from flexgen_dist import Engine, Policy
+from flexgen_dist.compression import CompressionConfig, fake_quantize
+from flexgen_dist.kvcache import KVCache
+from test_equivalence import PLACEMENTS
+
+NEW_TOKENS = 10
+# lm_head is tied to embed_tokens: quantize it too, or loading it would undo embed_tokens
+COMPRESSED = re.compile(r"(proj|fc1|fc2|embed_tokens|embed_positions|project_in|project_out|lm_head)\.weight$")
+
+
+@pytest.fixture(scope="module")
+def fake_quantized_checkpoint(opt_checkpoint, tmp_path_factory):
+    """The same model with every compressed weight replaced by its quantize -> dequantize image."""
+    path, model = opt_checkpoint
+    state = {k: (fake_quantize(v, CompressionConfig(4, 64, 0)) if COMPRESSED.search(k) else v)
+             for k, v in model.state_dict().items()}
+    clone = type(model)(model.config).eval()
+    clone.load_state_dict(state)
+    out = tmp_path_factory.mktemp("fakeq")
+    clone.save_pretrained(out)
+    return str(out)
+
+
+def fake_quantized_cache(monkeypatch):
+    """Make an uncompressed engine round-trip every stored KV row through 4-bit quantization."""
+    original = KVCache.store
+
+    def store(self, kv, start, end):
+        config = CompressionConfig(4, min(64, self.head_dim), dim=-1)
+        for buf in kv:
+            buf[:, :, start:end] = fake_quantize(buf[:, :, start:end], config)
+        original(self, kv, start, end)
+    monkeypatch.setattr(KVCache, "store", store)
+
+
+def generate(path, tmp_path, **policy):
+    percent = policy.pop("percent", [100, 0, 100, 0, 100, 0])
+    engine = Engine.from_pretrained(path, policy=Policy.from_percent(percent, **policy), offload_dir=tmp_path,
+                                    dtype="float32")
+    try:
+        return engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, return_logits=True)
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def reference(opt_checkpoint, fake_quantized_checkpoint, tmp_path_factory):
+    path, _ = opt_checkpoint
+    with pytest.MonkeyPatch.context() as mp:
+        both = generate(fake_quantized_checkpoint, tmp_path_factory.mktemp("o"), gpu_batch_size=5)
+        fake_quantized_cache(mp)
+        with_cache = generate(fake_quantized_checkpoint, tmp_path_factory.mktemp("o"), gpu_batch_size=5)
+        cache_only = generate(path, tmp_path_factory.mktemp("o"), gpu_batch_size=5)
+    return {"weights": both, "both": with_cache, "cache": cache_only}
+
+
+def assert_same(run, ref):
+    assert torch.equal(run[0], ref[0])
+    for mine, theirs in zip(run[1], ref[1]):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_compressed_placements_match_fake_quantized_reference(opt_checkpoint, reference, placement, tmp_path):
+    path, _ = opt_checkpoint
+    run = generate(path, tmp_path, **PLACEMENTS[placement], compress_weight=True, compress_cache=True)
+    assert_same(run, reference["both"])
+
+
+@pytest.mark.parametrize("which", ["weights", "cache"])
+def test_weight_or_cache_compression_alone(opt_checkpoint, reference, which, tmp_path):
+    path, _ = opt_checkpoint
+    run = generate(path, tmp_path, percent=[30, 30, 40, 30, 100, 0], gpu_batch_size=2, num_gpu_batches=3,
+                   compress_weight=which == "weights", compress_cache=which == "cache")
+    assert_same(run, reference[which])
+
+
+def test_compression_changes_the_output(opt_checkpoint, reference, tmp_path):
+    """Guard against a reference that is compressed by accident: plain runs differ from it."""
+    path, _ = opt_checkpoint
+    plain = generate(path, tmp_path, gpu_batch_size=5)
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(plain[1], reference["both"][1]))
