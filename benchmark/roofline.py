@@ -76,8 +76,9 @@ def main() -> None:
     p.add_argument("--json", help="write the numbers here")
     args = p.parse_args()
     result = {"threads": torch.get_num_threads()}
-    for name, dtype in [("bfloat16", torch.bfloat16), ("float32", torch.float32), ("float16", torch.float16)]:
+    for name, dtype in [("bfloat16", torch.bfloat16), ("float32", torch.float32)]:
         result[f"matmul_{name}_tflops"] = matmul_tflops(dtype)
+    result["matmul_float16_tflops"] = matmul_tflops(torch.float16, n=512)  # very slow on some CPUs
     result["dram_read_gbs"] = dram_read_gbs()
     result.update(disk_read_gbs(args.disk_dir, args.disk_gb))
     for k, v in result.items():

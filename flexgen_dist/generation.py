@@ -11,10 +11,12 @@ import torch
 from tqdm import tqdm
 
 from .errors import FlexGenError
+from .dist import DistContext
 from .executor import LocalExecutor
 from .memory import Devices
 from .models import family_of
 from .models.base import StepInputs
+from .pipeline import Ring, partition_stages
 from .policy import Policy, Tier
 from .sampling import choose_tokens, sequence_generators
 from .weights import TensorStore, resolve_model
@@ -53,6 +55,7 @@ class GenerationStats:
     peak_bytes: dict[str, int] = field(default_factory=dict)
     peak_rss_bytes: int = 0
     io_wait: float = 0.0
+    comm_wait: float = 0.0  # time this rank waited for its input from the ring
 
     @property
     def total_throughput(self) -> float:
@@ -68,7 +71,7 @@ class GenerationStats:
             "decode_latency_s": self.decode_time,
             "decode_throughput": self.decode_tokens / max(self.decode_time, 1e-9),
             "total_latency_s": t, "total_throughput": self.total_throughput,
-            "io_wait_s": self.io_wait, "peak_bytes": self.peak_bytes, "peak_rss_bytes": self.peak_rss_bytes,
+            "io_wait_s": self.io_wait, "comm_wait_s": self.comm_wait, "peak_bytes": self.peak_bytes, "peak_rss_bytes": self.peak_rss_bytes,
         }
 
 
@@ -104,18 +107,27 @@ def normalize_prompts(input_ids, attention_mask=None) -> list[list[int]]:
 
 
 class Engine:
-    """Offloaded generation on one rank. Create it with `Engine.from_pretrained`."""
+    """Offloaded generation over this rank's pipeline stage (the whole model on one rank).
 
-    def __init__(self, spec, executor: LocalExecutor, policy: Policy, devices: Devices, dtype, tokenizer_path):
+    Create it with `Engine.from_pretrained`. Under mpirun every rank builds its own Engine and
+    calls `generate` with the same prompts; rank 0 gets the token ids, the others get None."""
+
+    def __init__(self, spec, executor: LocalExecutor, policy: Policy, devices: Devices, dtype, tokenizer_path,
+                 ctx: DistContext, ring: Ring, micro_batches: int, stage: tuple[int, int]):
         self.spec, self.executor, self.policy, self.devices, self.dtype = spec, executor, policy, devices, dtype
-        self.tokenizer_path = tokenizer_path
+        self.tokenizer_path, self.ctx, self.ring, self.micro_batches, self.stage = tokenizer_path, ctx, ring, micro_batches, stage
         self.last_stats = GenerationStats()
-        self.progress = sys.stderr.isatty()
+        self.progress = sys.stderr.isatty() and ctx.first
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, policy: Policy | None = None,
                         offload_dir: str = "~/flexgen_offload_dir", dtype: str | torch.dtype | None = None,
-                        dummy_weights: bool = False, seed: int = 0) -> "Engine":
+                        dummy_weights: bool = False, seed: int = 0, dist: DistContext | None = None,
+                        stage_layers: list[int] | None = None, micro_batches: int | None = None,
+                        comm_timeout: float = 600.0) -> "Engine":
+        """`dist` (from `flexgen_dist.dist.init`) makes this rank one pipeline stage; `stage_layers`
+        overrides the cost-balanced split; `micro_batches` defaults to the number of stages."""
+        ctx = dist or DistContext()
         policy = (policy or Policy()).validate()
         devices = Devices.detect(policy.pin_weight)
         if policy.cpu_cache_compute and devices.compute.type != "cpu":
@@ -123,16 +135,21 @@ class Engine:
         dtype = resolve_dtype(dtype, devices)
         offload_dir = prepare_offload_dir(offload_dir)
         model = resolve_model(name_or_path, dummy_weights=dummy_weights, seed=seed)
-        layers = family_of(model.spec).build_layers(model.spec, sep_layer=policy.sep_layer)
+        family = family_of(model.spec)
+        first, last = stage_range(model.spec, family, ctx, stage_layers)
+        layers = family.build_layers(model.spec, first, last, with_embed=ctx.first, with_head=ctx.last,
+                                     sep_layer=policy.sep_layer)
         compression = policy.weight_compression()
         suffix = f"-q{compression.num_bits}g{compression.group_size}" if compression else ""
         store_dir = os.path.join(offload_dir, "weights", f"{model.store_key}-{str(dtype).split('.')[-1]}{suffix}")
         store = TensorStore(store_dir, model.source.fingerprint, dtype, compression)
-        store.ensure([w for layer in layers for w in layer.weights], model.source)
+        store.ensure([w for layer in layers for w in layer.weights], model.source, progress=ctx.first)
         work_dir = os.path.join(offload_dir, "work")
         os.makedirs(work_dir, exist_ok=True)
         executor = LocalExecutor(layers, store, policy, devices, dtype, work_dir)
-        return cls(model.spec, executor, policy, devices, dtype, model.tokenizer_path)
+        ring = Ring(ctx, devices.compute, comm_timeout)
+        return cls(model.spec, executor, policy, devices, dtype, model.tokenizer_path, ctx, ring,
+                   micro_batches or ctx.world_size, (first, last))
 
     @property
     def tokenizer(self):
@@ -145,31 +162,40 @@ class Engine:
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, stop=None, seed: int = 0,
-                 return_logits: bool = False):
+                 return_logits: bool = False, force_tokens=None):
         """Token ids (N, longest prompt + new tokens), prompts left-padded as transformers returns
-        them; with `return_logits`, also a list with one (N, vocab) float tensor per step."""
+        them; with `return_logits`, also a list with one (N, vocab) float tensor per step.
+        `force_tokens` (N, max_new_tokens) feeds given tokens instead of chosen ones (scoring)."""
         stop = [stop] if isinstance(stop, int) else list(stop or [])
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                   top_p=top_p, stop=stop, seed=seed).validate()
+        if return_logits and self.ctx.world_size > 1:
+            raise FlexGenError("return_logits is only available on a single rank")
         prompts = normalize_prompts(input_ids, attention_mask)
         self._check_prompts(prompts, config.max_new_tokens)
         stats = GenerationStats(prompts=len(prompts), prompt_tokens=sum(map(len, prompts)))
-        block = self.policy.block_size
+        block = self.micro_batches * self.policy.block_size
         starts = range(0, len(prompts), block)
         bar = tqdm(total=len(starts) * config.max_new_tokens, unit="step", desc="generating",
                    disable=not self.progress)
-        results = []
+        gens, logits = [], []
         for b0 in starts:
             chunk = prompts[b0:b0 + block]
             filled = chunk + [chunk[-1]] * (block - len(chunk))  # pad the last block; dropped below
-            gens, logits = self._generate_block(filled, list(range(b0, b0 + block)), config, stats, bar)
-            results.append((gens[:len(chunk)], [lg[:len(chunk)] for lg in logits]))
+            forced = None if force_tokens is None else torch.as_tensor(force_tokens)[b0:b0 + block]
+            block_gens, block_logits = self._run_block(filled, b0, config, stats, bar, forced)
+            if self.ctx.first:
+                gens += list(block_gens[:len(chunk)])
+                logits.append([lg[:len(chunk)] for lg in block_logits])
         bar.close()
-        self._finish_stats(stats)
-        ids = self._assemble(prompts, [g for gens, _ in results for g in gens])
+        self.ring.flush()
+        if not self.ctx.first:
+            return None
+        self._finish_stats(stats, gens, config.stop, len(prompts))
+        ids = self._assemble(prompts, trim_after_stop(gens, config.stop))
         if not return_logits:
             return ids
-        return ids, self._assemble_logits(results, ids.shape[1] - max(map(len, prompts)))
+        return ids, self._assemble_logits(logits, ids.shape[1] - max(map(len, prompts)))
 
     def _check_prompts(self, prompts: list[list[int]], new: int) -> None:
         if not prompts:
@@ -184,48 +210,65 @@ class Engine:
             if bad:
                 raise FlexGenError(f"prompt {i} has token id {bad[0]} outside the vocabulary (0-{self.spec.vocab_size - 1})")
 
-    def _generate_block(self, prompts, indices, config: GenerationConfig, stats: GenerationStats, bar):
-        gbs, device = self.policy.gpu_batch_size, self.devices.compute
-        ids, mask = left_pad(prompts, self.spec.pad_token_id)
-        caches = self.executor.allocate_caches([gbs] * self.policy.num_gpu_batches,
-                                               ids.shape[1] + config.max_new_tokens)
-        generators = sequence_generators(config.seed, indices) if config.do_sample else None
-        stop = torch.tensor(config.stop, dtype=torch.long)
-        stopped = torch.zeros(len(prompts), dtype=torch.bool)
-        tokens, steps, logits_per_step = ids, [], []
+    def _run_block(self, prompts, b0: int, config: GenerationConfig, stats: GenerationStats, bar, forced):
+        """One block of `micro_batches` micro-batches through this rank's stage, every token step.
+
+        Rank 0 feeds prompts (step 0) and the tokens that come back around the ring; the last rank
+        samples. Returns (tokens (rows, steps), per-step logits) on rank 0."""
+        ctx, ring, ex = self.ctx, self.ring, self.executor
+        gbs, rows = self.policy.gpu_batch_size, self.policy.block_size
+        device, steps = self.devices.compute, config.max_new_tokens
+        micro = [left_pad(prompts[t * rows:(t + 1) * rows], self.spec.pad_token_id) for t in range(self.micro_batches)]
+        masks = [mask for _, mask in micro]
+        caches = [ex.allocate_caches([gbs] * self.policy.num_gpu_batches, ids.shape[1] + steps) for ids, _ in micro]
+        chooser = TokenChooser(config, self.spec.pad_token_id, b0, rows, self.micro_batches, forced) if ctx.last else None
+        self._expect_inputs(micro, steps)
+        received = [[] for _ in micro]
+        t0, prefill_end = time.perf_counter(), None
         try:
-            for step in range(config.max_new_tokens):
-                t0 = time.perf_counter()
-                new = tokens.shape[1]
-                inputs = [step_inputs(m, new, self.dtype, device) for m in mask.split(gbs)]
-                xs = [t.to(device) for t in tokens.split(gbs)]
-                logits = torch.cat(self.executor.forward_step(xs, inputs, caches)).float().cpu()
-                chosen = choose_tokens(logits, config.do_sample, config.temperature, config.top_p, generators)
-                chosen = chosen.masked_fill(stopped, self.spec.pad_token_id)
-                live = ~stopped
-                stopped |= torch.isin(chosen, stop)
-                steps.append((chosen, live))
-                logits_per_step.append(logits)
-                elapsed = time.perf_counter() - t0
-                if step == 0:
-                    stats.prefill_time += elapsed
-                else:
-                    stats.decode_time += elapsed
+            for i in range(steps):
+                for t, (ids, _) in enumerate(micro):
+                    new = ids.shape[1] if i == 0 else 1
+                    inputs = [step_inputs(m, new, self.dtype, device) for m in masks[t].split(gbs)]
+                    x = ids if ctx.first and i == 0 else ring.receive()
+                    if ctx.first and i > 0:  # the tokens chosen at step i - 1
+                        received[t].append(x.cpu())
+                        x = x[:, None]
+                        prefill_end = prefill_end or (time.perf_counter() if t == len(micro) - 1 else None)
+                    y = torch.cat(ex.forward_step([c.to(device) for c in x.split(gbs)], inputs, caches[t]))
+                    ring.send(chooser.choose(y, t, i) if ctx.last else y)
+                    masks[t] = torch.cat([masks[t], torch.ones((len(masks[t]), 1), dtype=torch.bool)], dim=1)
                 bar.update(1)
-                if bool(stopped.all()):
-                    bar.update(config.max_new_tokens - step - 1)
+                if ctx.world_size == 1 and chooser.all_stopped():
+                    bar.update(steps - i - 1)
                     break
-                tokens = chosen[:, None]
-                mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=torch.bool)], dim=1)
+            if ctx.first:  # the last step's tokens are still on their way around the ring
+                for t in range(len(micro)):
+                    received[t].append(ring.receive().cpu())
         finally:
-            self.executor.free_caches(caches)
-        real = min(len(prompts), stats.prompts - indices[0])
-        for step, (_, live) in enumerate(steps):
-            n = int(live[:real].sum())
-            stats.generated_tokens += n
-            stats.decode_tokens += n if step else 0
-        gens = torch.stack([c for c, _ in steps], dim=1)
-        return list(gens), logits_per_step
+            ex.drain()
+            for c in caches:
+                ex.free_caches(c)
+        end = time.perf_counter()
+        prefill_end = prefill_end or end
+        stats.prefill_time += prefill_end - t0
+        stats.decode_time += end - prefill_end
+        if not ctx.first:
+            return None, []
+        gens = torch.cat([torch.stack(r, dim=1) for r in received])
+        logits = [torch.cat(step) for step in zip(*chooser.logits)] if ctx.world_size == 1 else []
+        return gens, logits
+
+    def _expect_inputs(self, micro, steps: int) -> None:
+        """Tell the ring, in order, what this rank will receive during the block."""
+        if self.ctx.first:
+            for _ in range(steps):
+                for ids, _ in micro:
+                    self.ring.expect((len(ids),), torch.long)
+            return
+        for i in range(steps):
+            for ids, _ in micro:
+                self.ring.expect((len(ids), ids.shape[1] if i == 0 else 1, self.spec.hidden_size), self.dtype)
 
     def _assemble(self, prompts, gens) -> torch.Tensor:
         ids, _ = left_pad(prompts, self.spec.pad_token_id)
@@ -236,23 +279,84 @@ class Engine:
         return torch.cat([ids, out], dim=1)
 
     @staticmethod
-    def _assemble_logits(results, steps: int) -> list[torch.Tensor]:
+    def _assemble_logits(blocks, steps: int) -> list[torch.Tensor]:
         out = []
         for s in range(steps):
-            parts = [lg[s] if s < len(lg) else torch.full_like(lg[0], float("nan")) for _, lg in results]
+            parts = [lg[s] if s < len(lg) else torch.full_like(lg[0], float("nan")) for lg in blocks]
             out.append(torch.cat(parts))
         return out
 
-    def _finish_stats(self, stats: GenerationStats) -> None:
+    def _finish_stats(self, stats: GenerationStats, gens, stop: list[int], count: int) -> None:
+        for g in gens[:count]:
+            n = generated_length(g.tolist(), stop)
+            stats.generated_tokens += n
+            stats.decode_tokens += max(n - 1, 0)
         stats.peak_bytes = {t.value: self.devices.usage[t].peak for t in Tier}
         if self.devices.compute.type == "cuda":
             stats.peak_bytes["cuda_allocated"] = torch.cuda.max_memory_allocated()
         stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         stats.io_wait = self.executor.timers.io_wait
+        stats.comm_wait = self.ring.idle
         self.last_stats = stats
 
     def close(self) -> None:
         self.executor.close()
+
+
+class TokenChooser:
+    """The last rank's sampling state for one block: generators, stop tracking, forced tokens."""
+
+    def __init__(self, config: GenerationConfig, pad: int, b0: int, rows: int, micro: int, forced):
+        self.config, self.pad, self.rows, self.forced = config, pad, rows, forced
+        self.generators = [sequence_generators(config.seed, list(range(b0 + t * rows, b0 + (t + 1) * rows)))
+                           if config.do_sample else None for t in range(micro)]
+        self.stopped = [torch.zeros(rows, dtype=torch.bool) for _ in range(micro)]
+        self.stop = torch.tensor(config.stop, dtype=torch.long)
+        self.logits: list[list[torch.Tensor]] = [[] for _ in range(micro)]
+
+    def choose(self, logits: torch.Tensor, t: int, step: int) -> torch.Tensor:
+        logits = logits.float().cpu()
+        self.logits[t].append(logits)
+        if self.forced is not None:
+            chosen = self.forced[t * self.rows:(t + 1) * self.rows, step]
+        else:
+            c = self.config
+            chosen = choose_tokens(logits, c.do_sample, c.temperature, c.top_p, self.generators[t])
+        chosen = chosen.masked_fill(self.stopped[t], self.pad)
+        self.stopped[t] |= torch.isin(chosen, self.stop)
+        return chosen
+
+    def all_stopped(self) -> bool:
+        return all(bool(s.all()) for s in self.stopped)
+
+
+def generated_length(tokens: list[int], stop: list[int]) -> int:
+    """Tokens really generated: up to and including the first stop token."""
+    for i, t in enumerate(tokens):
+        if t in stop:
+            return i + 1
+    return len(tokens)
+
+
+def trim_after_stop(gens: list[torch.Tensor], stop: list[int]) -> list[torch.Tensor]:
+    """Drop trailing steps in which every sequence had already stopped (as transformers does)."""
+    width = max(generated_length(g.tolist(), stop) for g in gens)
+    return [g[:width] for g in gens]
+
+
+def stage_range(spec, family, ctx: DistContext, stage_layers: list[int] | None) -> tuple[int, int]:
+    """This rank's transformer layers [first, last), balanced by weight bytes unless given."""
+    if ctx.world_size == 1:
+        return 0, spec.num_layers
+    if stage_layers is None:
+        layers = family.build_layers(spec)
+        size = lambda layer: sum(torch.Size(w.shape).numel() for w in layer.weights)  # noqa: E731
+        blocks = [size(layer) for layer in layers[1:-1]]
+        per_block = len(blocks) // spec.num_layers
+        costs = [sum(blocks[i * per_block:(i + 1) * per_block]) for i in range(spec.num_layers)]
+        stage_layers = partition_stages(costs, size(layers[0]), size(layers[-1]), ctx.world_size)
+    first = sum(stage_layers[:ctx.rank])
+    return first, first + stage_layers[ctx.rank]
 
 
 def resolve_dtype(dtype, devices: Devices) -> torch.dtype:
