@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -93,46 +94,69 @@ def init(ctx: DistContext, comm_device: str | None, timeout_s: float) -> DistCon
     return ctx
 
 
+def broadcast(ctx: DistContext, obj):
+    """Rank 0's `obj` on every rank."""
+    if ctx.world_size == 1:
+        return obj
+    if ctx.mpi is not None:
+        return ctx.mpi.bcast(obj, root=0)
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(ctx: DistContext, obj) -> list:
+    """Every rank's `obj`, in rank order, on rank 0 (an empty list elsewhere)."""
+    if ctx.world_size == 1:
+        return [obj]
+    if ctx.mpi is not None:
+        return ctx.mpi.gather(obj, root=0) or []
+    out = [None] * ctx.world_size if ctx.first else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
+
+
 def shutdown(ctx: DistContext) -> None:
     if ctx.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def report_failure(ctx: DistContext, error: BaseException) -> str:
-    """Tell rank 0 why this rank is failing; rank 0 collects what the others said.
-    Returns the message to print (on rank 0: the most telling report from any rank)."""
-    mine = f"rank {ctx.rank}: {type(error).__name__}: {error}".replace("\n", " ")
-    if ctx.mpi is None or ctx.world_size == 1:
-        return mine
-    if not ctx.first:
-        try:
-            ctx.mpi.send(mine, dest=0, tag=ERROR_TAG)  # small: delivered eagerly, no receiver needed yet
-        except Exception:
-            pass
-        return mine
-    reports, deadline = [], time.monotonic() + 3.0
-    while time.monotonic() < deadline:
-        if ctx.mpi.iprobe(source=-1, tag=ERROR_TAG):  # MPI.ANY_SOURCE
-            reports.append(ctx.mpi.recv(source=-1, tag=ERROR_TAG))
-            deadline = min(deadline, time.monotonic() + 0.5)
-        else:
-            time.sleep(0.05)
-    # a rank that raised an error of its own explains more than one that only lost a peer
-    candidates = [mine] + reports
-    own = [r for r in candidates if "PeerLost" not in r]
-    return (own or candidates)[0]
 
 
 class PeerLost(RuntimeError):
     """A neighbouring rank stopped answering (it died, or its process group broke)."""
 
 
+def watch_for_failures(ctx: DistContext) -> None:
+    """On rank 0 (under MPI): a thread that waits for another rank's failure report, prints it and
+    ends the job, even while the main thread is blocked waiting on that rank's stage."""
+    if not (ctx.first and ctx.mpi is not None and ctx.world_size > 1):
+        return
+
+    def watch():
+        message = ctx.mpi.recv(source=-1, tag=ERROR_TAG)  # MPI.ANY_SOURCE
+        if message is not None:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            os._exit(2)
+    threading.Thread(target=watch, name="flexgen-failure-watch", daemon=True).start()
+
+
+def stop_watching(ctx: DistContext) -> None:
+    if ctx.first and ctx.mpi is not None and ctx.world_size > 1:
+        ctx.mpi.send(None, dest=0, tag=ERROR_TAG)
+
+
 def fail(ctx: DistContext, error: BaseException) -> None:
-    """Print the failure (rank 0 speaks for the job), then leave without waiting on peers."""
-    message = report_failure(ctx, error)
-    if ctx.first or ctx.world_size == 1:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    if not ctx.first:
-        time.sleep(2.0)  # give rank 0 time to receive this rank's report before the launcher reacts
-    sys.stderr.flush()
+    """End the job because of `error`, without waiting on peers. Other ranks send their report to
+    rank 0, which prints it and exits; the launcher then stops everyone. Rank 0 that only lost a
+    neighbour first gives the rank that caused it a moment to report its own error."""
+    message = f"rank {ctx.rank}: {type(error).__name__}: {error}".replace("\n", " ")
+    if not ctx.first and ctx.mpi is not None:
+        try:
+            ctx.mpi.send(message, dest=0, tag=ERROR_TAG)  # small: delivered eagerly
+        except Exception:
+            pass
+        time.sleep(10.0)  # rank 0 prints and exits; the launcher then ends this process
+        os._exit(1)
+    if ctx.first and isinstance(error, PeerLost) and ctx.mpi is not None:
+        time.sleep(2.0)  # the watcher prints a better report if one comes
+    print(f"error: {message}", file=sys.stderr, flush=True)
     os._exit(2 if ctx.first else 1)

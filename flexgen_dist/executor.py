@@ -7,6 +7,7 @@ same schedule with every load and store done inline.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -95,8 +96,9 @@ class LocalExecutor:
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="flexgen-io") if policy.overlap else Inline()
         self.acts = ActivationStore(devices, policy.act_tier, work_dir)
         self.timers = Timers()
-        self._pending_stores: dict[tuple[int, int], Future] = {}
+        self._pending_stores: dict[KVCache, Future] = {}
         self._next_weights: Future | None = None
+        self._allocations = itertools.count()  # each micro-batch's caches get their own files
 
     # ----- placement -------------------------------------------------------------------------
     def _place_weights(self, store: TensorStore) -> dict[str, WeightHome]:
@@ -137,9 +139,9 @@ class LocalExecutor:
     def allocate_caches(self, batch_rows: list[int], capacity: int) -> dict[tuple[int, int], KVCache]:
         percents = self.policy.tier_percents("cache")
         compression = self.policy.cache_compression()
+        prefix = os.path.join(self.work_dir, f"kv.{os.getpid()}.{next(self._allocations)}")
         return {(j, k): KVCache(self.devices, split_rows(rows, percents), layer.kv_heads, layer.head_dim,
-                                capacity, self.dtype, os.path.join(self.work_dir, f"kv.{os.getpid()}.{j}.{k}"),
-                                compression)
+                                capacity, self.dtype, f"{prefix}.{j}.{k}", compression)
                 for j, layer in enumerate(self.layers) if layer.has_cache
                 for k, rows in enumerate(batch_rows)}
 
@@ -148,8 +150,8 @@ class LocalExecutor:
         for cache in caches.values():
             cache.free()
 
-    def _load_kv(self, cache: KVCache, key, start: int, new: int):
-        pending = self._pending_stores.pop(key, None)
+    def _load_kv(self, cache: KVCache, start: int, new: int):
+        pending = self._pending_stores.pop(cache, None)
         if pending is not None:
             pending.result()  # last step's rows must be home before we read them
         return cache.load(start, new)
@@ -203,7 +205,8 @@ class LocalExecutor:
             self.timers.compute += time.perf_counter() - t0
             if kv is not None:
                 start, end = inputs[k].start, inputs[k].start + inputs[k].positions.shape[1]
-                self._pending_stores[(j, k)] = self.io.submit(caches[(j, k)].store, kv, start, end)
+                cache = caches[(j, k)]  # keyed by the cache: every micro-batch has its own
+                self._pending_stores[cache] = self.io.submit(cache.store, kv, start, end)
             if k == n - 1:
                 self.devices.usage[Tier.COMPUTE].sub(weights.moved_bytes)
                 del weights
@@ -214,7 +217,7 @@ class LocalExecutor:
 
     def _submit_kv_load(self, job, inputs, caches) -> Future:
         j, k = job
-        return self.io.submit(self._load_kv, caches[job], job, inputs[k].start, inputs[k].positions.shape[1])
+        return self.io.submit(self._load_kv, caches[job], inputs[k].start, inputs[k].positions.shape[1])
 
     def drain(self) -> None:
         """Wait for every background store and the speculative weight prefetch."""

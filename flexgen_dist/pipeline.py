@@ -99,13 +99,16 @@ class Ring:
         if self.ctx.world_size == 1:
             return self.local.popleft()
         work, buf = self.posted.popleft()
-        try:
-            work.wait(self.timeout)
-        except RuntimeError as e:
-            raise PeerLost(f"receiving from rank {self.source} failed: {str(e).splitlines()[0]}") from None
+        self._await(work)
         self._post(2)
         self.idle += time.perf_counter() - t0
         return buf.to(self.device)
+
+    def _await(self, work) -> None:
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as e:  # the peer died, or sent nothing within the timeout
+            raise PeerLost(f"receiving from rank {self.source} failed: {str(e).splitlines()[0]}") from None
 
     def send(self, tensor: torch.Tensor) -> None:
         if self.ctx.world_size == 1:

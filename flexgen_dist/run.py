@@ -5,11 +5,16 @@ import argparse
 import json
 import sys
 import time
+import traceback
 
+from . import dist
+from .dist import DistContext
 from .errors import FlexGenError
 from .generation import Engine, GenerationConfig, GenerationStats
-from .policy import Policy
+from .pipeline import parse_stage_layers
+from .policy import Policy, Tier
 from .prompts import read_prompts, synthetic_prompts, tokenize
+from .weights import resolve_model
 
 GiB = 1 << 30
 
@@ -48,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compress-cache", action="store_true", help="4-bit group-wise KV cache on every tier")
     p.add_argument("--compress-bits", type=int, default=4, choices=[4, 8])
     p.add_argument("--compress-group-size", type=int, default=64)
-    p.add_argument("--offload-dir", default="~/flexgen_offload_dir")
+    p.add_argument("--offload-dir", default="~/flexgen_offload_dir",
+                   help="may contain {rank} or {local_rank} to give each rank its own disk")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="compute dtype (default: float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--do-sample", action="store_true")
@@ -57,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[],
                    help="stop token: an id, or text that is one token (repeatable)")
+    p.add_argument("--comm-device", choices=["cpu", "gpu"],
+                   help="where stages exchange tensors: gpu = NCCL, cpu = gloo (default: gpu when CUDA is present)")
+    p.add_argument("--stage-layers", help="transformer layers per rank, e.g. 6,6,7,5 (default: balanced by bytes)")
+    p.add_argument("--micro-batches", type=int, help="blocks in flight through the pipeline (default: ranks)")
+    p.add_argument("--comm-timeout", type=float, default=600.0, help="seconds to wait for a peer before failing")
+    p.add_argument("--verbose", action="store_true", help="tracebacks from every rank")
     p.add_argument("--output", help="write one JSON object per prompt to this JSONL file")
     p.add_argument("--log-file", help="append one JSON line of metrics to this file")
     return p
@@ -108,37 +120,67 @@ def report(stats: GenerationStats) -> str:
     ])
 
 
-def run(args) -> int:
+def run(args, ctx: DistContext) -> int:
     policy = policy_from_args(args)
     gen = GenerationConfig(max_new_tokens=args.gen_len, do_sample=args.do_sample, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed).validate()
-    prompts = read_prompts(args.prompts) if args.prompts else None
-    engine = Engine.from_pretrained(args.model, policy=policy, offload_dir=args.offload_dir, dtype=args.dtype,
-                                    dummy_weights=args.dummy_weights, seed=args.seed)
+    prompts = read_prompts(args.prompts) if args.prompts and ctx.first else None
+    stage_layers = None
+    if args.stage_layers:
+        spec = resolve_model(args.model, dummy_weights=args.dummy_weights).spec
+        stage_layers = parse_stage_layers(args.stage_layers, spec.num_layers, ctx.world_size)
+    ctx = dist.init(ctx, args.comm_device, args.comm_timeout)
+    dist.watch_for_failures(ctx)
+    engine = Engine.from_pretrained(args.model, policy=policy, offload_dir=args.offload_dir.format(
+                                        rank=ctx.rank, local_rank=ctx.local_rank), dtype=args.dtype,
+                                    dummy_weights=args.dummy_weights, seed=args.seed, dist=ctx,
+                                    stage_layers=stage_layers, micro_batches=args.micro_batches,
+                                    comm_timeout=args.comm_timeout)
     try:
         if args.tokenizer:
             engine.tokenizer_path = args.tokenizer
-        if prompts is None:
-            count = args.num_prompts or policy.block_size
-            prompts = synthetic_prompts(count, args.prompt_len, engine.spec.vocab_size, args.seed)
-        gen.stop = stop_ids(args.stop, engine.tokenizer)
-        ids = tokenize(prompts, engine.tokenizer)
+        job = None
+        if ctx.first:  # rank 0 reads and tokenizes; every stage needs the same token ids
+            if prompts is None:
+                count = args.num_prompts or engine.micro_batches * policy.block_size
+                prompts = synthetic_prompts(count, args.prompt_len, engine.spec.vocab_size, args.seed)
+            job = (tokenize(prompts, engine.tokenizer), stop_ids(args.stop, engine.tokenizer))
+        ids, gen.stop = dist.broadcast(ctx, job)
         out = engine.generate(ids, max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
                               temperature=gen.temperature, top_p=gen.top_p, stop=gen.stop, seed=gen.seed)
-        width = max(map(len, ids))
-        if args.output:
-            write_outputs(args.output, prompts, out[:, width:].tolist(), gen.stop, engine)
-        stats = engine.last_stats
-        print(report(stats))
-        if args.log_file:
-            entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": args.model,
-                     "dtype": str(engine.dtype).split(".")[-1], "policy": policy.describe(),
-                     "gen_len": args.gen_len, "prompt_len": width, **stats.as_dict()}
-            with open(args.log_file, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+        stages = dist.gather(ctx, stage_summary(engine))
+        if ctx.first:
+            finish(args, engine, prompts, ids, out, gen, stages)
     finally:
         engine.close()
     return 0
+
+
+def stage_summary(engine: Engine) -> dict:
+    s = engine.last_stats
+    return {"rank": engine.ctx.rank, "layers": list(engine.stage), "compute_s": engine.executor.timers.compute,
+            "comm_wait_s": engine.ring.idle, "io_wait_s": engine.executor.timers.io_wait,
+            "peak_bytes": {t.value: engine.devices.usage[t].peak for t in Tier}, "peak_rss_bytes": s.peak_rss_bytes}
+
+
+def finish(args, engine: Engine, prompts, ids, out, gen: GenerationConfig, stages: list[dict]) -> None:
+    """Rank 0: outputs in input order, the report, the metrics line."""
+    width = max(map(len, ids))
+    if args.output:
+        write_outputs(args.output, prompts, out[:, width:].tolist(), gen.stop, engine)
+    stats = engine.last_stats
+    print(report(stats))
+    if len(stages) > 1:
+        wall = stats.prefill_time + stats.decode_time
+        for st in stages:
+            print(f"stage {st['rank']}: layers {st['layers'][0]}-{st['layers'][1] - 1}  compute {st['compute_s']:.2f} s"
+                  f"  waiting for input {st['comm_wait_s']:.2f} s ({st['comm_wait_s'] / max(wall, 1e-9):.0%})")
+    if args.log_file:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": args.model, "ranks": len(stages),
+                 "dtype": str(engine.dtype).split(".")[-1], "policy": engine.policy.describe(),
+                 "gen_len": args.gen_len, "prompt_len": width, **stats.as_dict(), "stages": stages}
+        with open(args.log_file, "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
 
 def write_outputs(path: str, prompts, rows: list[list[int]], stop: list[int], engine: Engine) -> None:
@@ -179,15 +221,27 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
 
 
 def main(argv=None) -> int:
+    ctx = dist.detect()
     try:
         args = parse_args(argv)
-        return run(args)
-    except FlexGenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = run(args, ctx)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except FlexGenError as e:
+        if ctx.world_size > 1:
+            dist.fail(ctx, e)  # does not return
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BaseException as e:  # a bug or a dead peer: with ranks, every failure must end the job
+        if ctx.world_size > 1 and not isinstance(e, SystemExit):
+            if "--verbose" in (argv or sys.argv):
+                traceback.print_exc()
+            dist.fail(ctx, e)
+        raise
+    dist.stop_watching(ctx)
+    dist.shutdown(ctx)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""Pipeline parallelism under mpirun (gloo on CPU): every rank count gives the single-rank tokens."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+import torch
+
+from conftest import PROMPTS, make_checkpoint, reference_generate
+from flexgen_dist import Engine, Policy
+from flexgen_dist.pipeline import parse_stage_layers, partition_stages
+
+MPIRUN = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
+needs_mpi = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed")
+NEW_TOKENS = 8
+LAYERS = 6
+
+
+def mpi_env():
+    return {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+            "OMPI_MCA_rmaps_base_oversubscribe": "1", "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+            "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def mpirun(n: int, args: list, timeout: float = 240):
+    """Run under mpirun with a hard wall-clock limit (mpirun's own, and ours above it)."""
+    cmd = [MPIRUN, "-n", str(n), "--oversubscribe", "--timeout", str(int(timeout)), sys.executable, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30, env=mpi_env())
+
+
+def test_partition_balances_bytes():
+    assert partition_stages([1] * 8, 0, 0, 2) == [4, 4]
+    assert partition_stages([1] * 8, 0, 0, 3) in ([3, 3, 2], [3, 2, 3], [2, 3, 3])
+    # a heavy embedding on the first stage and a heavy head on the last push layers inward
+    assert partition_stages([1] * 12, 4, 4, 2) == [6, 6]
+    assert partition_stages([1] * 12, 6, 0, 2) == [3, 9]
+    assert partition_stages([1] * 12, 0, 3, 3) == [5, 5, 2]
+    assert sum(partition_stages([3, 1, 4, 1, 5, 9, 2, 6], 2, 7, 4)) == 8
+
+
+def test_stage_layer_overrides_are_checked():
+    assert parse_stage_layers("2,1,3", 6, 3) == [2, 1, 3]
+    for text in ("2,2", "3,3,1", "0,3,3", "a,b,c"):
+        with pytest.raises(Exception, match="--stage-layers"):
+            parse_stage_layers(text, 6, 3)
+
+
+@pytest.fixture(scope="module", params=["pre_ln", "post_ln"])
+def six_layers(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"six-{request.param}")
+    model = make_checkpoint(path, post_ln=request.param == "post_ln", layers=LAYERS)
+    return str(path), model
+
+
+RUNS = [
+    {"percent": [100, 0, 100, 0, 100, 0], "policy": {"gpu_batch_size": 2}},
+    {"percent": [0, 0, 0, 100, 100, 0], "policy": {"gpu_batch_size": 1, "num_gpu_batches": 2}, "uneven": True},
+    {"percent": [30, 30, 0, 0, 0, 100], "policy": {"gpu_batch_size": 3, "overlap": False}, "micro_batches": 1},
+    {"percent": [0, 50, 50, 0, 100, 0], "policy": {"gpu_batch_size": 2, "compress_weight": True,
+                                                   "compress_cache": True}, "uneven": True},
+    {"percent": [100, 0, 100, 0, 100, 0], "policy": {"gpu_batch_size": 2},
+     "generate": {"do_sample": True, "temperature": 1.3, "top_p": 0.9, "seed": 5}},
+    {"percent": [100, 0, 0, 0, 100, 0], "policy": {"gpu_batch_size": 2}, "generate": {"stop": "FIRST"}},
+]
+UNEVEN = {2: [1, 5], 3: [1, 3, 2], 4: [2, 1, 1, 2]}
+
+
+def single_rank(path, run, tmp_path, stop):
+    policy = Policy.from_percent(run["percent"], **run["policy"])
+    engine = Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path / uuid.uuid4().hex, dtype="float32")
+    try:
+        return engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, **{**run.get("generate", {}), **stop})
+    finally:
+        engine.close()
+
+
+@needs_mpi
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_every_rank_count_matches_single_rank_and_transformers(six_layers, ranks, tmp_path):
+    path, model = six_layers
+    expected_greedy, _ = reference_generate(model, PROMPTS, NEW_TOKENS)
+    width = max(map(len, PROMPTS))
+    stop = {"stop": int(expected_greedy[0, width + 2])}
+    runs = []
+    for run in RUNS:
+        run = json.loads(json.dumps(run))
+        if run.get("generate", {}).get("stop") == "FIRST":
+            run["generate"] = stop
+        if run.pop("uneven", False) and ranks > 1:
+            run["stage_layers"] = UNEVEN[ranks]
+        runs.append(run)
+    job = {"model": path, "prompts": PROMPTS, "new_tokens": NEW_TOKENS, "runs": runs,
+           "offload": str(tmp_path / "off"), "output": str(tmp_path / "out.json")}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    done = mpirun(ranks, [os.path.join(os.path.dirname(__file__), "pipeline_job.py"), tmp_path / "job.json"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((tmp_path / "out.json").read_text())
+    for run, got in zip(runs, results):
+        expected = single_rank(path, run, tmp_path, {})
+        assert torch.equal(torch.tensor(got), expected), run
+        plain = not run.get("generate") and not run["policy"].get("compress_weight")
+        if plain:
+            assert torch.equal(torch.tensor(got), expected_greedy), run
