@@ -2,6 +2,7 @@
 own per-tensor store under the offload dir, converted once and checked on every later run."""
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import json
@@ -153,7 +154,14 @@ class TensorStore:
         return sum(entry["packed"]["nbytes"]) if "packed" in entry else entry["nbytes"]
 
     def ensure(self, specs: list[WeightSpec], source, progress: bool = True) -> None:
-        """Make every tensor in `specs` available, converting what is missing."""
+        """Make every tensor in `specs` available, converting what is missing. Pipeline ranks that
+        share an offload dir take turns (a file lock), each adding its own stage's tensors."""
+        os.makedirs(os.path.dirname(self.root), exist_ok=True)
+        with open(self.root + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._ensure_locked(specs, source, progress)
+
+    def _ensure_locked(self, specs: list[WeightSpec], source, progress: bool) -> None:
         self._open_or_reset()
         wanted = {s.name: s for s in specs}
         for name in wanted.keys() & self.tensors.keys():

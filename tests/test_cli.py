@@ -151,7 +151,7 @@ def test_store_damage_is_reported(ckpt, capsys, tmp_path):
     args = ["--model", ckpt, "--gen-len", 2, "--prompt-len", 4, "--offload-dir", tmp_path, "--percent", 0, 0, 100, 0, 100, 0]
     assert main([str(a) for a in args]) == 0
     capsys.readouterr()
-    store = next((tmp_path / "weights").iterdir())
+    store = next(p for p in (tmp_path / "weights").iterdir() if p.is_dir())
     victim = store / "decoder.layers.1.fc1.weight.bin"
     with open(victim, "r+b") as f:
         f.truncate(100)
