@@ -148,7 +148,8 @@ def fail(ctx: DistContext, error: BaseException) -> None:
     """End the job because of `error`, without waiting on peers. Other ranks send their report to
     rank 0, which prints it and exits; the launcher then stops everyone. Rank 0 that only lost a
     neighbour first gives the rank that caused it a moment to report its own error."""
-    message = f"rank {ctx.rank}: {type(error).__name__}: {error}".replace("\n", " ")
+    message = str(error) if isinstance(error, PeerLost) else f"rank {ctx.rank}: {type(error).__name__}: {error}"
+    message = message.replace("\n", " ")
     if not ctx.first and ctx.mpi is not None:
         try:
             ctx.mpi.send(message, dest=0, tag=ERROR_TAG)  # small: delivered eagerly

@@ -60,6 +60,13 @@ def parse_stage_layers(text: str, layers: int, stages: int) -> list[int]:
     return sizes
 
 
+def _short(error: Exception) -> str:
+    """gloo's message without its source location and advice: 'Connection closed by peer ...'."""
+    text = str(error).splitlines()[0]
+    text = text.rsplit("] ", 1)[-1]
+    return text.split(". ")[0]
+
+
 class Ring:
     """Receives a stage's inputs and sends its outputs, in job order, with receives posted ahead so
     they overlap compute. `idle` accumulates the time spent waiting for an input."""
@@ -108,7 +115,7 @@ class Ring:
         try:
             work.wait(self.timeout)
         except RuntimeError as e:  # the peer died, or sent nothing within the timeout
-            raise PeerLost(f"receiving from rank {self.source} failed: {str(e).splitlines()[0]}") from None
+            raise PeerLost(f"rank {self.source} is gone (rank {self.ctx.rank} receiving: {_short(e)})") from None
 
     def send(self, tensor: torch.Tensor) -> None:
         if self.ctx.world_size == 1:
@@ -120,12 +127,12 @@ class Ring:
             while len(self.sends) > 4:  # keep a few in flight, release the buffers of finished ones
                 self.sends.pop(0)[0].wait(self.timeout)
         except RuntimeError as e:
-            raise PeerLost(f"sending to rank {self.destination} failed: {str(e).splitlines()[0]}") from None
+            raise PeerLost(f"rank {self.destination} is gone (rank {self.ctx.rank} sending: {_short(e)})") from None
 
     def flush(self) -> None:
         try:
             for work, _ in self.sends:
                 work.wait(self.timeout)
         except RuntimeError as e:
-            raise PeerLost(f"sending to rank {self.destination} failed: {str(e).splitlines()[0]}") from None
+            raise PeerLost(f"rank {self.destination} is gone (rank {self.ctx.rank} sending: {_short(e)})") from None
         self.sends.clear()

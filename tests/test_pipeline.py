@@ -1,9 +1,11 @@
 """Pipeline parallelism under mpirun (gloo on CPU): every rank count gives the single-rank tokens."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -105,3 +107,32 @@ def test_every_rank_count_matches_single_rank_and_transformers(six_layers, ranks
         plain = not run.get("generate") and not run["policy"].get("compress_weight")
         if plain:
             assert torch.equal(torch.tensor(got), expected_greedy), run
+
+
+@needs_mpi
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["raise", "kill", "start"])
+def test_a_failing_rank_ends_the_job_naming_it(six_layers, kind, tmp_path):
+    path, _ = six_layers
+    marker = f"fault-{uuid.uuid4().hex}"  # in every rank's command line, to find orphans
+    os.environ["FLEXGEN_TEST_FAULT"] = f"2:6:{kind}"  # rank 2, in its second decode step (4 micro-batches)
+    try:
+        start = time.monotonic()
+        done = mpirun(4, [os.path.join(os.path.dirname(__file__), "fault_wrapper.py"), "--model", path,
+                          "--prompt-len", 6, "--gen-len", 30, "--gpu-batch-size", 1, "--dtype", "float32",
+                          "--offload-dir", tmp_path / marker, "--comm-timeout", 60], timeout=120)
+        elapsed = time.monotonic() - start
+    finally:
+        del os.environ["FLEXGEN_TEST_FAULT"]
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert elapsed < 45, f"took {elapsed:.0f} s to fail"
+    if kind == "raise":  # rank 0 relays the failing rank's own error
+        assert "error: rank 2: RuntimeError: injected fault on step 6" in done.stderr, output
+    elif kind == "start":
+        assert "error: rank 2: FlexGenError: injected start failure" in done.stderr, output
+    else:  # the launcher (or a neighbour's report) names the rank that vanished
+        assert re.search(r"rank 2\b", output), output
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    assert not left, f"orphan processes: {left}"

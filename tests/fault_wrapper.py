@@ -1,0 +1,39 @@
+"""Launched under mpirun by the fault tests: the real CLI, with one rank made to fail mid-run.
+
+FLEXGEN_TEST_FAULT="RANK:CALL:KIND" makes rank RANK, on its CALL-th stage step, either raise
+(KIND=raise) or kill itself with SIGKILL (KIND=kill), as a crashed or OOM-killed process would;
+KIND=start makes it fail while building its stage, as with missing weights."""
+import os
+import signal
+import sys
+
+from flexgen_dist import FlexGenError, dist
+from flexgen_dist.executor import LocalExecutor
+from flexgen_dist.run import main
+
+
+def inject(rank: int, call: int, kind: str) -> None:
+    original, calls = LocalExecutor.forward_step, [0]
+
+    def forward_step(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            if kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected fault on step {call}")
+        return original(self, *args, **kwargs)
+
+    def cannot_start(self, *args, **kwargs):
+        raise FlexGenError("injected start failure")
+
+    if dist.detect().rank == rank:
+        if kind == "start":
+            LocalExecutor.__init__ = cannot_start
+        else:
+            LocalExecutor.forward_step = forward_step
+
+
+if __name__ == "__main__":
+    rank, call, kind = os.environ["FLEXGEN_TEST_FAULT"].split(":")
+    inject(int(rank), int(call), kind)
+    sys.exit(main())
