@@ -51,7 +51,8 @@ def drop_page_cache() -> bool:
 
 def run_engine(args, gbs: int, ngb: int, roofline: dict) -> dict:
     spec = builtin_spec(args.model)
-    policy = Policy.from_percent(args.percent, gpu_batch_size=gbs, num_gpu_batches=ngb, overlap=args.overlap)
+    policy = Policy.from_percent(args.percent, gpu_batch_size=gbs, num_gpu_batches=ngb, overlap=args.overlap,
+                                 compress_weight=args.compress_weight, compress_cache=args.compress_cache)
     engine = Engine.from_pretrained(args.model, policy=policy, offload_dir=args.offload_dir,
                                     dummy_weights=True, dtype=args.dtype)
     n = gbs * ngb
@@ -69,6 +70,7 @@ def run_engine(args, gbs: int, ngb: int, roofline: dict) -> dict:
     disk_peak = roofline.get("disk_odirect_4_stream_gbs", 0) * 1e9
     row = {"system": "flexgen-dist", "model": args.model, "gbs": gbs, "ngb": ngb, "batch": n,
            "prompt_len": args.prompt_len, "gen_len": args.gen_len, "percent": args.percent,
+           "compress_weight": args.compress_weight, "compress_cache": args.compress_cache,
            "page_cache_dropped": dropped, **{k: s[k] for k in (
                "prefill_latency_s", "prefill_throughput", "decode_latency_s", "decode_throughput",
                "total_throughput", "io_wait_s", "peak_rss_bytes")},
@@ -111,6 +113,8 @@ def main() -> None:
     p.add_argument("--batches", default="8x1,32x1", help="comma-separated GBSxNGB")
     p.add_argument("--percent", nargs=6, type=float, default=[100, 0, 100, 0, 100, 0])
     p.add_argument("--overlap", type=int, default=1)
+    p.add_argument("--compress-weight", action="store_true")
+    p.add_argument("--compress-cache", action="store_true")
     p.add_argument("--dtype", default=None)
     p.add_argument("--offload-dir", default=os.path.expanduser("~/flexgen_offload_dir"))
     p.add_argument("--drop-cache", action="store_true", help="drop the page cache before each timed run (root)")

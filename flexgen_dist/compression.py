@@ -103,14 +103,18 @@ def quantize(x: torch.Tensor, config: CompressionConfig) -> CompressedTensor:
 
 
 def dequantize(c: CompressedTensor) -> torch.Tensor:
+    """codes * step + min, computed in the model dtype: on the hot path of every disk-homed weight,
+    one unpacking pass and two in-place passes are several times faster than a float32 round trip."""
     codes = c.data
     if c.config.num_bits == 4:
-        codes = torch.stack([codes >> 4, codes & 0xF], dim=-1).flatten(-2)
-    values = codes.float() * c.steps.float()[..., None] + c.mins.float()[..., None]
-    values = values.flatten(-2)
+        values = torch.empty((*codes.shape[:-1], codes.shape[-1] * 2), dtype=c.dtype, device=codes.device)
+        values[..., 0::2] = codes >> 4
+        values[..., 1::2] = codes & 0xF
+    else:
+        values = codes.to(c.dtype)
+    values.mul_(c.steps[..., None]).add_(c.mins[..., None])
     dim = c.config.dim % len(c.shape)
-    values = values[..., :c.shape[dim]]
-    return values.to(c.dtype).movedim(-1, dim)
+    return values.flatten(-2)[..., :c.shape[dim]].movedim(-1, dim)
 
 
 def fake_quantize(x: torch.Tensor, config: CompressionConfig) -> torch.Tensor:

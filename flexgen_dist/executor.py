@@ -161,12 +161,10 @@ class LocalExecutor:
         specs = self.layers[j].weights
         homes = [self.homes[w.name] for w in specs]
         # all of a layer's disk reads in flight at once: one request at a time leaves the SSD idle
-        loaded = _WEIGHT_READERS.map(lambda home: home.load(self.devices), homes)
+        loaded = list(_WEIGHT_READERS.map(lambda home: home.load(self.devices), homes))
         tensors = {w.key: t for w, t in zip(specs, loaded)}
-        moved = 0
-        for home in homes:
-            if home.tier is Tier.DISK or (home.tier is Tier.HOST and not self.devices.host_is_compute):
-                moved += home.nbytes
+        # what this use materialised on the compute device: read, copied or decompressed tensors
+        moved = sum(t.numel() * t.element_size() for t, home in zip(loaded, homes) if t is not home.value)
         self.devices.usage[Tier.COMPUTE].add(moved)
         return LoadedWeights(tensors, moved)
 

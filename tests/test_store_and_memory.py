@@ -105,3 +105,23 @@ def test_peak_rss_stays_far_below_disk_homed_weights(tmp_path):
     metrics = json.loads((tmp_path / "log.jsonl").read_text())
     weight_bytes = 2 * 1.3e9
     assert metrics["peak_rss_bytes"] < 0.4 * weight_bytes, metrics["peak_rss_bytes"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux /proc/<pid>/io")
+def test_compressed_disk_weights_read_under_a_third_of_the_bytes(tmp_path):
+    """4-bit weights homed on disk cross the disk link packed: <= 0.3x the 16-bit bytes."""
+    read = {}
+    for compress in (False, True):
+        policy = Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=2, compress_weight=compress)
+        engine = Engine.from_pretrained("opt-125m", policy=policy, offload_dir=tmp_path, dummy_weights=True)
+        try:
+            before = proc_read_bytes()
+            engine.generate([[5, 6, 7, 8]] * 2, max_new_tokens=2)
+            read[compress] = proc_read_bytes() - before
+            if compress:
+                homes = engine.executor.weight_bytes()
+                assert homes[Tier.DISK] < 0.3 * 2 * 125e6  # placement and accounting see packed bytes
+        finally:
+            engine.close()
+    assert read[False] > 2 * 2 * 125e6 * 0.9  # two steps of every 16-bit weight
+    assert read[True] <= 0.3 * read[False], read

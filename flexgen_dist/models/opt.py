@@ -36,13 +36,25 @@ def embed(w, ids: torch.Tensor, inputs: StepInputs, *, spec: ModelSpec) -> torch
     return x + F.embedding(inputs.positions + POSITION_OFFSET, w["embed_positions"])
 
 
+DECODE_CHUNK_BYTES = 8 << 20
+
+
 def attend(q, k, v, bias):
     """softmax(q k^T + bias) v, with q already scaled.
 
     Prefill uses the fused kernel. For decode (one query), CPU kernels on a key/value slice of a
-    longer buffer are several times slower than a contiguous copy plus two plain matmuls."""
+    longer buffer are several times slower than a contiguous copy plus two plain matmuls. The copy
+    is made a few sequences at a time: copies past malloc's mmap threshold (32 MB) are fresh pages
+    on every call, and faulting them in costs more than the attention itself."""
     if q.shape[2] > 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    row_bytes = k[0].numel() * k.element_size()
+    rows = max(1, DECODE_CHUNK_BYTES // max(row_bytes, 1))
+    return torch.cat([_attend_one_query(q[i:i + rows], k[i:i + rows], v[i:i + rows], bias[i:i + rows])
+                      for i in range(0, q.shape[0], rows)])
+
+
+def _attend_one_query(q, k, v, bias):
     scores = (q @ k.contiguous().transpose(-1, -2)).float() + bias
     return scores.softmax(dim=-1).to(q.dtype) @ v.contiguous()
 

@@ -1,0 +1,76 @@
+"""Accuracy of compression on a small trained model (make it with train_small_opt.py).
+
+    python benchmark/bench_accuracy.py --model ~/small-opt [--sequences 8 --length 256]
+
+Every variant scores the same held-out text through the engine, token by token (teacher forcing:
+the true token is fed back each step), so the KV cache is written and read exactly as in
+generation. Reports held-out perplexity per variant, and greedy agreement: the share of positions
+where the variant's most likely next token equals the bf16 engine's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from flexgen_dist import Engine, Policy
+
+VARIANTS = {
+    "fp32": dict(dtype="float32"),
+    "bf16": dict(dtype="bfloat16"),
+    "bf16 + 4-bit weights": dict(dtype="bfloat16", compress_weight=True),
+    "bf16 + 4-bit cache": dict(dtype="bfloat16", compress_cache=True),
+    "bf16 + 4-bit weights + cache": dict(dtype="bfloat16", compress_weight=True, compress_cache=True),
+}
+
+
+def score(model: str, sequences: torch.Tensor, offload: str, dtype: str, **policy) -> torch.Tensor:
+    """Per-position logits (N, T-1, vocab) for predicting tokens 1..T-1 of each sequence."""
+    engine = Engine.from_pretrained(model, policy=Policy(gpu_batch_size=len(sequences), **policy),
+                                    offload_dir=offload, dtype=dtype)
+    try:
+        _, logits = engine.generate(sequences[:, :1].tolist(), max_new_tokens=sequences.shape[1] - 1,
+                                    force_tokens=sequences[:, 1:], return_logits=True)
+    finally:
+        engine.close()
+    return torch.stack(logits, dim=1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--sequences", type=int, default=8)
+    p.add_argument("--length", type=int, default=257, help="tokens per sequence (the first is the prompt)")
+    p.add_argument("--offload-dir", default=os.path.expanduser("~/flexgen_offload_dir"))
+    p.add_argument("--json", help="append the results here as one JSON line")
+    args = p.parse_args()
+    held = torch.load(os.path.join(args.model, "heldout.pt"))
+    stride = (len(held) - args.length) // args.sequences
+    sequences = torch.stack([held[i * stride:i * stride + args.length] for i in range(args.sequences)])
+    targets = sequences[:, 1:]
+    results, greedy = {}, {}
+    for name, options in VARIANTS.items():
+        logits = score(args.model, sequences, args.offload_dir, **options)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).item()
+        greedy[name] = logits.argmax(-1)
+        results[name] = {"perplexity": math.exp(nll)}
+    base = results["bf16"]["perplexity"]
+    for name in VARIANTS:
+        results[name]["vs_bf16"] = results[name]["perplexity"] / base - 1
+        results[name]["greedy_agreement"] = (greedy[name] == greedy["bf16"]).float().mean().item()
+    positions = targets.numel()
+    print(f"{positions} held-out positions ({args.sequences} sequences x {args.length - 1})")
+    print(f"{'variant':32s} {'perplexity':>10s} {'vs bf16':>8s} {'agreement':>10s}")
+    for name, r in results.items():
+        print(f"{name:32s} {r['perplexity']:10.3f} {r['vs_bf16']:+8.2%} {r['greedy_agreement']:10.2%}")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"model": args.model, "positions": positions, "results": results}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
