@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 import traceback
@@ -157,10 +158,10 @@ def run(args, ctx: DistContext) -> int:
 
 
 def stage_summary(engine: Engine) -> dict:
-    s = engine.last_stats
     return {"rank": engine.ctx.rank, "layers": list(engine.stage), "compute_s": engine.executor.timers.compute,
             "comm_wait_s": engine.ring.idle, "io_wait_s": engine.executor.timers.io_wait,
-            "peak_bytes": {t.value: engine.devices.usage[t].peak for t in Tier}, "peak_rss_bytes": s.peak_rss_bytes}
+            "peak_bytes": {t.value: engine.devices.usage[t].peak for t in Tier},
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def finish(args, engine: Engine, prompts, ids, out, gen: GenerationConfig, stages: list[dict]) -> None:
