@@ -11,7 +11,7 @@ import itertools
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -64,7 +64,7 @@ class ActivationStore:
         if self.tier is Tier.DISK:
             path = os.path.join(self.directory, f"act.{os.getpid()}.{k}")
             write_file(path, x.cpu())
-            self._held[k] = (path, x.shape, x.dtype)
+            self._held[k] = (path, x.shape, x.dtype, nbytes(x))
         else:
             self._held[k] = (to_device(x, self.devices.device_of(self.tier)),)
 
@@ -72,8 +72,7 @@ class ActivationStore:
         held = self._held[k]
         if len(held) == 1:
             return to_device(held[0], self.devices.compute)
-        path, shape, dtype = held
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        path, shape, dtype, n = held
         return read_file(path, n).view(dtype).view(shape).to(self.devices.compute)
 
     def drop(self, k: int) -> None:
@@ -83,8 +82,8 @@ class ActivationStore:
         if len(held) == 1:
             self.devices.usage[self.tier].sub(nbytes(held[0]))
         else:
-            path, shape, dtype = held
-            self.devices.usage[self.tier].sub(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size())
+            path, _, _, n = held
+            self.devices.usage[self.tier].sub(n)
             os.remove(path)
 
 

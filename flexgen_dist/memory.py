@@ -109,10 +109,10 @@ def pread_all(fd: int, buf: torch.Tensor, offset: int, path: str) -> None:
     list(_READERS.map(lambda c: _pread_range(fd, c[0], c[1], path), chunks))
 
 
-def read_file(path: str, nbytes_: int, into: torch.Tensor | None = None) -> torch.Tensor:
+def read_file(path: str, nbytes_: int) -> torch.Tensor:
     """Read the first `nbytes_` bytes of a padded tensor file, bypassing the page cache."""
     size = padded(nbytes_)
-    buf = into if into is not None else aligned_empty(size)
+    buf = aligned_empty(size)
     try:
         fd, direct = _open_direct(path)
     except FileNotFoundError:

@@ -1,9 +1,7 @@
 """The CLI end to end, and every bad input it must refuse with a one-line message."""
 import json
-import os
 
 import pytest
-import torch
 
 from conftest import PROMPTS, make_checkpoint, run_cli
 from flexgen_dist import Engine, Policy
