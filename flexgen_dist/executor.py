@@ -18,7 +18,7 @@ import torch
 from .compression import CompressedTensor
 from .kernels import can_pack, pack_linear_weight
 from .kvcache import KVCache
-from .memory import Devices, WeightHome, nbytes, read_file, to_device, write_file
+from .memory import Devices, ReadSlab, WeightHome, nbytes, read_file, share_one_allocator_arena, to_device, trim_allocator, write_file
 from .models.base import Layer, StepInputs
 from .policy import Policy, Tier, assign_weight_tiers, split_rows
 from .weights import TensorStore
@@ -91,7 +91,10 @@ class LocalExecutor:
     def __init__(self, layers: list[Layer], store: TensorStore, policy: Policy, devices: Devices,
                  dtype: torch.dtype, work_dir: str):
         self.layers, self.policy, self.devices, self.dtype, self.work_dir = layers, policy, devices, dtype, work_dir
+        share_one_allocator_arena()
         self.homes = self._place_weights(store)
+        self._slabs = self._read_slabs(store)
+        self._loads = itertools.count()
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="flexgen-io") if policy.overlap else Inline()
         self.acts = ActivationStore(devices, policy.act_tier, work_dir)
         self.timers = Timers()
@@ -113,6 +116,13 @@ class LocalExecutor:
                 if w.name not in homes:  # a tied tensor is homed once, by its first layer
                     homes[w.name] = self._home(store, w.name, tier, only_linear[w.name])
         return homes
+
+    def _read_slabs(self, store: TensorStore) -> list[ReadSlab]:
+        """Two buffers for disk-homed weights, each the size of the largest layer's reads: the layer
+        being computed and the one being prefetched take turns (loads happen strictly in order)."""
+        need = max((sum(store.file_bytes(w.name) for w in layer.weights if self.homes[w.name].tier is Tier.DISK)
+                    for layer in self.layers), default=0)
+        return [ReadSlab(need), ReadSlab(need)] if need else []
 
     def _home(self, store: TensorStore, name: str, tier: Tier, only_linear: bool) -> WeightHome:
         home = WeightHome(name, tier, store.nbytes(name), store)
@@ -159,8 +169,13 @@ class LocalExecutor:
     def _load_weights(self, j: int) -> LoadedWeights:
         specs = self.layers[j].weights
         homes = [self.homes[w.name] for w in specs]
+        alloc = None
+        if self._slabs:  # the slab two loads ago held weights whose layer has finished since
+            slab = self._slabs[next(self._loads) % len(self._slabs)]
+            slab.reset()
+            alloc = slab.take
         # all of a layer's disk reads in flight at once: one request at a time leaves the SSD idle
-        loaded = list(_WEIGHT_READERS.map(lambda home: home.load(self.devices), homes))
+        loaded = list(_WEIGHT_READERS.map(lambda home: home.load(self.devices, alloc), homes))
         tensors = {w.key: t for w, t in zip(specs, loaded)}
         # what this use materialised on the compute device: read, copied or decompressed tensors
         moved = sum(t.numel() * t.element_size() for t, home in zip(loaded, homes) if t is not home.value)
@@ -210,6 +225,7 @@ class LocalExecutor:
         outputs = [self.acts.get(k) for k in range(n)]
         for k in range(n):
             self.acts.drop(k)
+        trim_allocator()
         return outputs
 
     def _submit_kv_load(self, job, inputs, caches) -> Future:

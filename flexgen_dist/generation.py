@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from tqdm import tqdm
 from .errors import FlexGenError
 from .dist import DistContext
 from .executor import LocalExecutor
-from .memory import Devices
+from .memory import Devices, peak_rss_bytes
 from .models import family_of
 from .models.base import StepInputs
 from .pipeline import Ring, partition_stages
@@ -294,7 +293,7 @@ class Engine:
         stats.peak_bytes = {t.value: self.devices.usage[t].peak for t in Tier}
         if self.devices.compute.type == "cuda":
             stats.peak_bytes["cuda_allocated"] = torch.cuda.max_memory_allocated()
-        stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        stats.peak_rss_bytes = peak_rss_bytes()
         stats.io_wait = self.executor.timers.io_wait
         stats.comm_wait = self.ring.idle
         self.last_stats = stats

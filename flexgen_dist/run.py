@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 import traceback
@@ -12,6 +11,7 @@ from . import dist
 from .dist import DistContext
 from .errors import FlexGenError
 from .generation import Engine, GenerationConfig, GenerationStats
+from .memory import peak_rss_bytes
 from .pipeline import parse_stage_layers
 from .policy import Policy, Tier
 from .prompts import read_prompts, synthetic_prompts, tokenize
@@ -161,7 +161,7 @@ def stage_summary(engine: Engine) -> dict:
     return {"rank": engine.ctx.rank, "layers": list(engine.stage), "compute_s": engine.executor.timers.compute,
             "comm_wait_s": engine.ring.idle, "io_wait_s": engine.executor.timers.io_wait,
             "peak_bytes": {t.value: engine.devices.usage[t].peak for t in Tier},
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss_bytes": peak_rss_bytes()}
 
 
 def finish(args, engine: Engine, prompts, ids, out, gen: GenerationConfig, stages: list[dict]) -> None:

@@ -230,12 +230,18 @@ class TensorStore:
             json.dump(data, f)
         os.replace(tmp, os.path.join(self.root, MANIFEST))
 
-    def read(self, name: str):
-        """One stored tensor from disk (bypassing the page cache): a tensor, or a CompressedTensor."""
+    def file_bytes(self, name: str) -> int:
+        """What reading `name` takes in buffers: its files' padded sizes."""
+        entry = self.tensors[name]
+        return sum(map(padded, entry["packed"]["nbytes"] if "packed" in entry else [entry["nbytes"]]))
+
+    def read(self, name: str, alloc=None):
+        """One stored tensor from disk (bypassing the page cache): a tensor, or a CompressedTensor.
+        `alloc` gives the read buffers (see memory.read_file)."""
         entry, files = self.tensors[name], self.files(name)
         if "packed" not in entry:
-            return read_file(files["raw"], entry["nbytes"]).view(self.dtype).view(entry["shape"])
+            return read_file(files["raw"], entry["nbytes"], alloc).view(self.dtype).view(entry["shape"])
         packed = entry["packed"]
-        codes = read_file(files["codes"], packed["nbytes"][0]).view(packed["codes"])
-        scales = read_file(files["scales"], packed["nbytes"][1]).view(self.dtype).view(packed["scales"])
+        codes = read_file(files["codes"], packed["nbytes"][0], alloc).view(packed["codes"])
+        scales = read_file(files["scales"], packed["nbytes"][1], alloc).view(self.dtype).view(packed["scales"])
         return CompressedTensor(codes, scales[0], scales[1], tuple(entry["shape"]), self.compression)

@@ -130,3 +130,25 @@ def test_compressed_disk_weights_read_under_a_third_of_the_bytes(tmp_path):
             engine.close()
     assert read[False] > 2 * 2 * 125e6 * 0.9  # two steps of every 16-bit weight
     assert read[True] <= 0.3 * read[False], read
+
+
+@pytest.mark.parametrize("sep_layer", [True, False])  # an even and an odd number of schedule layers
+@pytest.mark.parametrize("compress", [False, True])
+def test_disk_weights_share_two_reused_read_buffers(tmp_path, sep_layer, compress):
+    """Streamed weights land in two slabs that alternate between the layer computing and the one
+    prefetched; reusing them must never hand a layer another layer's bytes."""
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ckpt, post_ln=False)
+    outputs = []
+    for percent in ([100, 0, 100, 0, 100, 0], [0, 0, 100, 0, 100, 0]):
+        policy = Policy.from_percent(percent, gpu_batch_size=len(PROMPTS), sep_layer=sep_layer, compress_weight=compress)
+        engine = Engine.from_pretrained(str(ckpt), policy=policy, offload_dir=tmp_path / "o", dtype="float32")
+        try:
+            slabs = [slab.buf.data_ptr() for slab in engine.executor._slabs]
+            outputs.append(engine.generate(PROMPTS, max_new_tokens=6))
+            outputs.append(engine.generate(PROMPTS[:2], max_new_tokens=3))
+            assert [slab.buf.data_ptr() for slab in engine.executor._slabs] == slabs
+            assert len(slabs) == (2 if percent[0] == 0 else 0)
+        finally:
+            engine.close()
+    assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[3])
