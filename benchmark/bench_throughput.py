@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import time
 
 import torch
 
 from flexgen_dist import Engine, Policy
 from flexgen_dist.models import builtin_spec
+from peer_systems import disk_read_bytes, drop_page_cache  # benchmark/ is on sys.path when run as a script
 
 
 def flops(spec, batch: int, prompt: int, gen: int) -> tuple[float, float]:
@@ -32,21 +31,6 @@ def flops(spec, batch: int, prompt: int, gen: int) -> tuple[float, float]:
     prefill = batch * (prompt * per_token + sum(attn(c) for c in range(1, prompt + 1)) + head)
     decode = batch * sum(per_token + attn(prompt + i) + head for i in range(1, gen))
     return prefill, decode
-
-
-def disk_read_bytes() -> int:
-    with open("/proc/self/io") as f:
-        return int(re.search(r"^read_bytes: (\d+)", f.read(), re.M).group(1))
-
-
-def drop_page_cache() -> bool:
-    try:
-        subprocess.run(["sync"], check=True)
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def run_engine(args, gbs: int, ngb: int, roofline: dict) -> dict:
