@@ -67,7 +67,7 @@ def _fits_in_memory() -> list[SystemPlan]:
 
 
 PRESETS = {p.name: p for p in [
-    Preset("cpu-quick", "2-core CPU: OPT-125m in memory, OPT-1.3b with most weights on disk (about 10 minutes)", [
+    Preset("cpu-quick", "2-core CPU: OPT-125m in memory, OPT-1.3b with most weights on disk (about 20 minutes)", [
         Scenario("in-memory", "opt-125m", 512, 32, "8G", False, _fits_in_memory(),
                  note="the model fits: the block schedule against transformers' own generate at its best batch"),
         Scenario("disk", "opt-1.3b", 32, 16, "2G", True, [
