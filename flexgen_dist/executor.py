@@ -18,7 +18,8 @@ import torch
 from .compression import CompressedTensor
 from .kernels import can_pack, pack_linear_weight
 from .kvcache import KVCache
-from .memory import Devices, ReadSlab, WeightHome, nbytes, read_file, share_one_allocator_arena, to_device, trim_allocator, write_file
+from .memory import (Devices, ReadSlab, WeightHome, nbytes, read_file, share_one_allocator_arena, to_device,
+                     trim_allocator, write_file)
 from .models.base import Layer, StepInputs
 from .policy import Policy, Tier, assign_weight_tiers, split_rows
 from .weights import TensorStore

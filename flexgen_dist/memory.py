@@ -165,10 +165,11 @@ class ReadSlab:
 
     def take(self, size: int) -> torch.Tensor:
         with self._lock:
-            start, self.used = self.used, self.used + size
-        if self.used > len(self.buf):
-            raise RuntimeError(f"read slab of {len(self.buf)} bytes overflowed")  # sizing bug, not user error
-        return self.buf[start:start + size]
+            start = self.used
+            self.used = end = start + size
+        if end > len(self.buf):  # a sizing bug, not a user error
+            raise RuntimeError(f"read slab of {len(self.buf)} bytes overflowed")
+        return self.buf[start:end]
 
 
 def read_file(path: str, nbytes_: int, alloc=None) -> torch.Tensor:
