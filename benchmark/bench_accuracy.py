@@ -1,6 +1,10 @@
-"""Accuracy of compression on a small trained model (make it with train_small_opt.py).
+"""Accuracy of compression on a small trained model (make it with train_small_opt.py, or convert
+SmolLM2-135M-Instruct with `python -m flexgen_dist.models.fetch smollm2-135m-instruct DIR`).
 
     python benchmark/bench_accuracy.py --model ~/small-opt [--sequences 8 --length 256]
+
+The held-out text is the model directory's heldout.pt (token ids) when it has one, else the
+held-out part of the Python standard library's sources (stdlib_corpus.py) in the model's tokenizer.
 
 Every variant scores the same held-out text through the engine, token by token (teacher forcing:
 the true token is fed back each step), so the KV cache is written and read exactly as in
@@ -40,6 +44,16 @@ def score(model: str, sequences: torch.Tensor, offload: str, dtype: str, **polic
     return torch.stack(logits, dim=1)
 
 
+def heldout_ids(model: str, tokens: int) -> torch.Tensor:
+    path = os.path.join(model, "heldout.pt")
+    if os.path.exists(path):
+        return torch.load(path)
+    from transformers import AutoTokenizer
+    from stdlib_corpus import corpus  # benchmark/ is on sys.path when run as a script
+    _, held = corpus(tokens * 6)  # about 3-4 characters per token of code
+    return torch.tensor(AutoTokenizer.from_pretrained(model)(held)["input_ids"][:tokens])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -48,7 +62,7 @@ def main() -> None:
     p.add_argument("--offload-dir", default=os.path.expanduser("~/flexgen_offload_dir"))
     p.add_argument("--json", help="append the results here as one JSON line")
     args = p.parse_args()
-    held = torch.load(os.path.join(args.model, "heldout.pt"))
+    held = heldout_ids(args.model, args.sequences * args.length * 2)
     stride = (len(held) - args.length) // args.sequences
     sequences = torch.stack([held[i * stride:i * stride + args.length] for i in range(args.sequences)])
     targets = sequences[:, 1:]

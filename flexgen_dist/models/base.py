@@ -1,34 +1,110 @@
-"""What every model family provides: per-layer weight specs and plain layer math.
+"""What every model family provides: a spec, per-layer weight specs and plain layer math.
 
 A family never sees tiers, files or ranks. The executor hands each layer a dict of weight tensors
 already on the compute device, the hidden states, and (for attention layers) a KV buffer to append to.
+
+A family module provides:
+- `SPEC` (its ModelSpec subclass), `MODEL_TYPES` (the HF `model_type`s it reads) and `BUILTIN` (specs);
+- `spec_from_config(config, name)`: a Hugging Face `config.json` dict -> spec, ModelError on what it
+  cannot run;
+- `build_layers(spec, first, last, with_embed, with_head, sep_layer)`: the schedule layers;
+- `checkpoint_key_to_name(key)`: a checkpoint key -> store name (None to skip the tensor);
+- `flops_per_token(spec, context)`: the useful FLOPs of one new token attending to `context` tokens.
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
+
+from ..errors import FlexGenError
+
+EMBED, BLOCK, HEAD = "embed", "block", "head"
+
+
+class ModelError(FlexGenError):
+    """A model name, path or config the engine cannot use."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """The architecture facts the engine outside `models/` may use; each family subclasses it.
+
+    `eos_token_id` is the first end-of-sequence id (`eos_token_ids` all of them: Llama 3 has
+    several); `pad_token_id` is the config's own and may be None (Llama has none); use `pad_id`."""
+
+    name: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    ffn_dim: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int = 0  # 0: as many as query heads (multi-head attention)
+    head_size: int = 0  # 0: hidden_size // num_heads
+    max_positions: int = 2048
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def head_dim(self) -> int:
+        return self.head_size or self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def pad_id(self) -> int:
+        """The id that fills padding: the config's pad token, else its EOS, as transformers'
+        `generate` does when told `pad_token_id=eos_token_id`; padded positions are never attended."""
+        for candidate in (self.pad_token_id, self.eos_token_id):
+            if candidate is not None:
+                return candidate
+        return 0
+
+
+def eos_ids(value) -> tuple[int, ...]:
+    """A config's `eos_token_id` (None, an int or a list) as a tuple."""
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def spec_to_dict(spec: ModelSpec) -> dict:
+    return dataclasses.asdict(spec)
 
 
 @dataclass(frozen=True)
 class WeightSpec:
-    """One stored tensor: `key` is the layer-local name the math uses, `name` the store-wide name."""
+    """One stored tensor: `key` is the layer-local name the math uses, `name` the store-wide name.
+
+    `init` is how seeded dummy weights fill it: "normal" (N(0, 0.02^2)), "ones" (norm scales) or
+    "zeros" (biases and norm shifts), so a dummy model computes with sane magnitudes."""
 
     key: str
     name: str
     shape: tuple[int, ...]
-    compressible: bool = False  # matmul weights only; never LayerNorm parameters or biases
+    compressible: bool = False  # matmul weights only; never norm parameters or biases
     linear: bool = False  # used as a `kernels.linear` weight (may be packed for the device)
+    init: str = "normal"
 
 
 @dataclass(frozen=True)
 class StepInputs:
-    """Per (token step, batch) tensors shared by every layer of the step."""
+    """Per (token step, batch) tensors shared by every layer of the step.
+
+    `extra` is scratch space a family fills lazily at its first layer of the step and its other
+    layers reuse (e.g. rotary cos/sin tables); the engine never reads it."""
 
     positions: torch.Tensor  # (b, s) position ids of the new tokens
     attn_bias: torch.Tensor  # (b, 1, s, start + s) additive mask: 0 where visible, dtype-min elsewhere
     start: int  # index in the KV buffer of the first new token
+    extra: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -38,6 +114,8 @@ class Layer:
     `forward(weights, x, inputs, kv)` returns the new hidden states. Layers with `kv_heads` set
     receive `kv = (k_buf, v_buf)`, each `(b, kv_heads, capacity, head_dim)`; they write the new
     tokens' keys/values at `[:, :, start:start+s]` and attend over `[:, :, :start+s]`.
+    `part` says what the layer is for stage partitioning: the embedding (before every block),
+    transformer block `block` (attention and MLP are two layers of one block), or the output head.
     """
 
     name: str
@@ -45,7 +123,9 @@ class Layer:
     forward: Callable
     kv_heads: int = 0
     head_dim: int = 0
-    parts: list["Layer"] = field(default_factory=list)
+    parts: list[Layer] = field(default_factory=list)
+    part: str = BLOCK
+    block: int = -1
 
     @property
     def has_cache(self) -> bool:
@@ -53,9 +133,8 @@ class Layer:
 
 
 def merge_layers(name: str, parts: list[Layer]) -> Layer:
-    """Run several layers as one schedule layer (FlexGen's `--sep-layer 0`)."""
-    weights = [WeightSpec(f"{i}.{w.key}", w.name, w.shape, w.compressible, w.linear)
-               for i, p in enumerate(parts) for w in p.weights]
+    """Run several layers of one block as one schedule layer (FlexGen's `--sep-layer 0`)."""
+    weights = [dataclasses.replace(w, key=f"{i}.{w.key}") for i, p in enumerate(parts) for w in p.weights]
     cached = [p for p in parts if p.has_cache]
     assert len(cached) <= 1, "a merged layer holds at most one KV cache"
 
@@ -66,4 +145,30 @@ def merge_layers(name: str, parts: list[Layer]) -> Layer:
         return x
 
     return Layer(name, weights, forward, kv_heads=cached[0].kv_heads if cached else 0,
-                 head_dim=cached[0].head_dim if cached else 0, parts=parts)
+                 head_dim=cached[0].head_dim if cached else 0, parts=parts, part=parts[0].part,
+                 block=parts[0].block)
+
+
+def weight_elements(layer: Layer) -> int:
+    return sum(torch.Size(w.shape).numel() for w in layer.weights)
+
+
+def stage_costs(layers: list[Layer], num_blocks: int) -> tuple[list[int], int, int]:
+    """(elements per transformer block, embedding elements, head elements) of a whole model's
+    layers: what the pipeline partition balances. A tied embedding counts on both ends, as both
+    the first and the last stage hold it."""
+    blocks, embed, head = [0] * num_blocks, 0, 0
+    for layer in layers:
+        n = weight_elements(layer)
+        if layer.part == EMBED:
+            embed += n
+        elif layer.part == HEAD:
+            head += n
+        else:
+            blocks[layer.block] += n
+    return blocks, embed, head
+
+
+def specs(prefix: str, entries: list[tuple]) -> list[WeightSpec]:
+    """(key, name, shape, compressible[, linear[, init]]) tuples -> WeightSpecs named `prefix + name`."""
+    return [WeightSpec(key, f"{prefix}{name}", tuple(shape), *e) for key, name, shape, *e in entries]

@@ -4,22 +4,100 @@ Plain math over tensors, laid out as Hugging Face's `OPTForCausalLM` computes it
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from ..kernels import linear
-from .base import Layer, StepInputs, WeightSpec, merge_layers
-from .registry import ModelSpec
+from .attention import attend
+from .base import (
+    EMBED,
+    HEAD,
+    Layer,
+    ModelError,
+    ModelSpec,
+    StepInputs,
+    eos_ids,
+    merge_layers,
+    specs,
+)
 
 POSITION_OFFSET = 2  # OPT's learned positions start at index 2
+MODEL_TYPES = ("opt",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OPTSpec(ModelSpec):
+    family: str = "opt"
+    vocab_size: int = 50272
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 2
+    eos_token_id: int | None = 2
+    eos_token_ids: tuple[int, ...] = (2,)
+    word_embed_proj_dim: int | None = None  # differs from hidden_size only in OPT-350m
+    do_layer_norm_before: bool = True  # False only in OPT-350m (post-LayerNorm)
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def embed_dim(self) -> int:
+        return self.word_embed_proj_dim or self.hidden_size
+
+
+SPEC = OPTSpec
+
+
+def _opt(name: str, hidden: int, layers: int, heads: int, **extra) -> OPTSpec:
+    return OPTSpec(name=name, hidden_size=hidden, ffn_dim=4 * hidden, num_layers=layers, num_heads=heads, **extra)
+
+
+BUILTIN = [
+    _opt("opt-125m", 768, 12, 12),
+    _opt("opt-350m", 1024, 24, 16, word_embed_proj_dim=512, do_layer_norm_before=False),
+    _opt("opt-1.3b", 2048, 24, 32),
+    _opt("opt-2.7b", 2560, 32, 32),
+    _opt("opt-6.7b", 4096, 32, 32),
+    _opt("opt-13b", 5120, 40, 40),
+    _opt("opt-30b", 7168, 48, 56),
+    _opt("opt-66b", 9216, 64, 72),
+    _opt("opt-175b", 12288, 96, 96),
+    _opt("opt-iml-1.3b", 2048, 24, 32),
+    _opt("opt-iml-30b", 7168, 48, 56),
+    _opt("opt-iml-max-1.3b", 2048, 24, 32),
+    _opt("opt-iml-max-30b", 7168, 48, 56),
+]
+
+
+def spec_from_config(config: dict, name: str) -> OPTSpec:
+    """An OPT `config.json` -> OPTSpec."""
+    if config.get("activation_function", "relu") != "relu":
+        raise ModelError(f"{name}: activation {config['activation_function']!r} is not supported")
+    if not config.get("enable_bias", True) or not config.get("layer_norm_elementwise_affine", True):
+        raise ModelError(f"{name}: OPT without biases or LayerNorm affine parameters is not supported")
+    hidden = config["hidden_size"]
+    proj = config.get("word_embed_proj_dim", hidden)
+    eos = config.get("eos_token_id", 2)
+    return OPTSpec(
+        name=name, vocab_size=config["vocab_size"], hidden_size=hidden, ffn_dim=config["ffn_dim"],
+        num_layers=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
+        max_positions=config["max_position_embeddings"], word_embed_proj_dim=proj if proj != hidden else None,
+        do_layer_norm_before=config.get("do_layer_norm_before", True), pad_token_id=config.get("pad_token_id", 1),
+        bos_token_id=config.get("bos_token_id", 2), eos_token_id=eos_ids(eos)[0] if eos_ids(eos) else None,
+        eos_token_ids=eos_ids(eos))
+
+
+def flops_per_token(spec: OPTSpec, context: int) -> tuple[float, float]:
+    """(block FLOPs, output-head FLOPs) of one new token attending to `context` tokens: 2 per
+    weight for the matmuls (bias-free count), QK^T and PV over the context."""
+    h = spec.hidden_size
+    blocks = 2 * spec.num_layers * (4 * h * h + 2 * h * spec.ffn_dim) + 4 * spec.num_layers * h * context
+    return blocks, 2 * spec.vocab_size * spec.embed_dim
 
 
 def checkpoint_key_to_name(key: str) -> str | None:
     """Map a Hugging Face state-dict key to our store name (None for keys we do not keep)."""
-    if key.startswith("model."):
-        key = key[len("model."):]
+    key = key.removeprefix("model.")
     if key == "lm_head.weight":
         return None  # tied to decoder.embed_tokens.weight
     return key
@@ -29,42 +107,19 @@ def _ln(x, w, prefix, eps):
     return F.layer_norm(x, (x.shape[-1],), w[f"{prefix}.weight"], w[f"{prefix}.bias"], eps)
 
 
-def embed(w, ids: torch.Tensor, inputs: StepInputs, *, spec: ModelSpec) -> torch.Tensor:
+def embed(w, ids: torch.Tensor, inputs: StepInputs, *, spec: OPTSpec) -> torch.Tensor:
     x = F.embedding(ids, w["embed_tokens"])
     if "project_in" in w:
         x = linear(x, w["project_in"])
     return x + F.embedding(inputs.positions + POSITION_OFFSET, w["embed_positions"])
 
 
-DECODE_CHUNK_BYTES = 8 << 20
-
-
-def attend(q, k, v, bias):
-    """softmax(q k^T + bias) v, with q already scaled.
-
-    Prefill uses the fused kernel. For decode (one query), CPU kernels on a key/value slice of a
-    longer buffer are several times slower than a contiguous copy plus two plain matmuls. The copy
-    is made a few sequences at a time: copies past malloc's mmap threshold (32 MB) are fresh pages
-    on every call, and faulting them in costs more than the attention itself."""
-    if q.shape[2] > 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-    row_bytes = k[0].numel() * k.element_size()
-    rows = max(1, DECODE_CHUNK_BYTES // max(row_bytes, 1))
-    return torch.cat([_attend_one_query(q[i:i + rows], k[i:i + rows], v[i:i + rows], bias[i:i + rows])
-                      for i in range(0, q.shape[0], rows)])
-
-
-def _attend_one_query(q, k, v, bias):
-    scores = (q @ k.contiguous().transpose(-1, -2)).float() + bias
-    return scores.softmax(dim=-1).to(q.dtype) @ v.contiguous()
-
-
-def attention(w, x, inputs: StepInputs, kv, *, spec: ModelSpec) -> torch.Tensor:
+def attention(w, x, inputs: StepInputs, kv, *, spec: OPTSpec) -> torch.Tensor:
     residual = x
     if spec.do_layer_norm_before:
         x = _ln(x, w, "ln", spec.layer_norm_eps)
     b, s, _ = x.shape
-    heads = lambda t: t.view(b, s, spec.num_heads, spec.head_dim).transpose(1, 2)  # noqa: E731
+    heads = lambda t: t.view(b, s, spec.num_heads, spec.head_dim).transpose(1, 2)
     q = heads(linear(x, w["q.weight"], w["q.bias"]) * spec.head_dim ** -0.5)
     k_buf, v_buf = kv
     end = inputs.start + s
@@ -77,7 +132,7 @@ def attention(w, x, inputs: StepInputs, kv, *, spec: ModelSpec) -> torch.Tensor:
     return out
 
 
-def mlp(w, x, inputs: StepInputs, *, spec: ModelSpec) -> torch.Tensor:
+def mlp(w, x, inputs: StepInputs, *, spec: OPTSpec) -> torch.Tensor:
     residual = x
     if spec.do_layer_norm_before:
         x = _ln(x, w, "ln", spec.layer_norm_eps)
@@ -88,7 +143,7 @@ def mlp(w, x, inputs: StepInputs, *, spec: ModelSpec) -> torch.Tensor:
     return x
 
 
-def output_head(w, x, inputs: StepInputs, *, spec: ModelSpec) -> torch.Tensor:
+def output_head(w, x, inputs: StepInputs, *, spec: OPTSpec) -> torch.Tensor:
     """Logits of the last position only, in float32 (b, vocab)."""
     x = x[:, -1]
     if "ln.weight" in w:
@@ -98,22 +153,17 @@ def output_head(w, x, inputs: StepInputs, *, spec: ModelSpec) -> torch.Tensor:
     return linear(x, w["embed_tokens"]).float()
 
 
-def _specs(prefix: str, entries: list[tuple]) -> list[WeightSpec]:
-    """(key, name, shape, compressible[, used by linear]) -> WeightSpecs."""
-    return [WeightSpec(key, f"{prefix}{name}", shape, e[0], *e[1:]) for key, name, shape, *e in entries]
-
-
 def _linear(key: str, name: str, out_f: int, in_f: int):
     return [(f"{key}.weight", f"{name}.weight", (out_f, in_f), True, True),
-            (f"{key}.bias", f"{name}.bias", (out_f,), False)]
+            (f"{key}.bias", f"{name}.bias", (out_f,), False, False, "zeros")]
 
 
 def _layer_norm(key: str, name: str, dim: int):
-    return [(f"{key}.weight", f"{name}.weight", (dim,), False),
-            (f"{key}.bias", f"{name}.bias", (dim,), False)]
+    return [(f"{key}.weight", f"{name}.weight", (dim,), False, False, "ones"),
+            (f"{key}.bias", f"{name}.bias", (dim,), False, False, "zeros")]
 
 
-def build_layers(spec: ModelSpec, first: int = 0, last: int | None = None,
+def build_layers(spec: OPTSpec, first: int = 0, last: int | None = None,
                  with_embed: bool = True, with_head: bool = True,
                  sep_layer: bool = True) -> list[Layer]:
     """Schedule layers for transformer blocks [first, last), optionally with embedding and head.
@@ -128,16 +178,16 @@ def build_layers(spec: ModelSpec, first: int = 0, last: int | None = None,
                    ("embed_positions", "embed_positions.weight", (spec.max_positions + POSITION_OFFSET, h), True)]
         if spec.word_embed_proj_dim:
             entries.append(("project_in", "project_in.weight", (h, e), True, True))
-        layers.append(Layer("embed", _specs("decoder.", entries), partial(embed, spec=spec)))
+        layers.append(Layer("embed", specs("decoder.", entries), partial(embed, spec=spec), part=EMBED))
     for i in range(first, last):
         p = f"decoder.layers.{i}."
-        attn = _specs(p, _layer_norm("ln", "self_attn_layer_norm", h)
+        attn = specs(p, _layer_norm("ln", "self_attn_layer_norm", h)
                       + _linear("q", "self_attn.q_proj", h, h) + _linear("k", "self_attn.k_proj", h, h)
                       + _linear("v", "self_attn.v_proj", h, h) + _linear("out", "self_attn.out_proj", h, h))
-        ffn = _specs(p, _layer_norm("ln", "final_layer_norm", h) + _linear("fc1", "fc1", spec.ffn_dim, h)
+        ffn = specs(p, _layer_norm("ln", "final_layer_norm", h) + _linear("fc1", "fc1", spec.ffn_dim, h)
                      + _linear("fc2", "fc2", h, spec.ffn_dim))
-        parts = [Layer(f"attn.{i}", attn, partial(attention, spec=spec), spec.num_heads, spec.head_dim),
-                 Layer(f"mlp.{i}", ffn, partial(mlp, spec=spec))]
+        parts = [Layer(f"attn.{i}", attn, partial(attention, spec=spec), spec.num_heads, spec.head_dim, block=i),
+                 Layer(f"mlp.{i}", ffn, partial(mlp, spec=spec), block=i)]
         layers.extend(parts if sep_layer else [merge_layers(f"block.{i}", parts)])
     if with_head:
         entries = []
@@ -146,5 +196,5 @@ def build_layers(spec: ModelSpec, first: int = 0, last: int | None = None,
         if spec.word_embed_proj_dim:
             entries.append(("project_out", "project_out.weight", (e, h), True, True))
         entries.append(("embed_tokens", "embed_tokens.weight", (spec.vocab_size, e), True, True))
-        layers.append(Layer("head", _specs("decoder.", entries), partial(output_head, spec=spec)))
+        layers.append(Layer("head", specs("decoder.", entries), partial(output_head, spec=spec), part=HEAD))
     return layers
