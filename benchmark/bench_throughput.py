@@ -18,18 +18,17 @@ import time
 import torch
 
 from flexgen_dist import Engine, Policy
-from flexgen_dist.models import builtin_spec
+from flexgen_dist.models import builtin_spec, flops_per_token
 from peer_systems import disk_read_bytes, drop_page_cache  # benchmark/ is on sys.path when run as a script
 
 
 def flops(spec, batch: int, prompt: int, gen: int) -> tuple[float, float]:
-    """(prefill, decode) useful FLOPs for `batch` sequences."""
-    h, layers = spec.hidden_size, spec.num_layers
-    per_token = 2 * layers * (4 * h * h + 2 * h * spec.ffn_dim)
-    head = 2 * spec.vocab_size * spec.embed_dim
-    attn = lambda ctx: 4 * layers * h * ctx  # noqa: E731  (QK^T and PV for one query)
-    prefill = batch * (prompt * per_token + sum(attn(c) for c in range(1, prompt + 1)) + head)
-    decode = batch * sum(per_token + attn(prompt + i) + head for i in range(1, gen))
+    """(prefill, decode) useful FLOPs for `batch` sequences, from the model family's own count."""
+    def token(context: int, with_head: bool) -> float:
+        blocks, head = flops_per_token(spec, context)
+        return blocks + (head if with_head else 0)
+    prefill = batch * sum(token(c, c == prompt) for c in range(1, prompt + 1))
+    decode = batch * sum(token(prompt + i, True) for i in range(1, gen))
     return prefill, decode
 
 
@@ -41,20 +40,22 @@ def run_engine(args, gbs: int, ngb: int, roofline: dict) -> dict:
                                     dummy_weights=True, dtype=args.dtype)
     n = gbs * ngb
     prompts = torch.randint(3, spec.vocab_size, (n, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    engine.generate(prompts[:, :8].tolist(), max_new_tokens=2)  # warm-up: kernels, thread pools
+    engine.generate(prompts[:, :8].tolist(), max_new_tokens=2, ignore_eos=True)  # warm-up: kernels, thread pools
     dropped = drop_page_cache() if args.drop_cache else False
     read0, t0 = disk_read_bytes(), time.perf_counter()
-    engine.generate(prompts.tolist(), max_new_tokens=args.gen_len)
+    engine.generate(prompts.tolist(), max_new_tokens=args.gen_len, ignore_eos=True)
     wall = time.perf_counter() - t0
     read = disk_read_bytes() - read0
     engine.close()
     s = engine.last_stats.as_dict()
     pf, df = flops(spec, n, args.prompt_len, args.gen_len)
-    peak = roofline.get(f"matmul_{args.dtype or 'bfloat16'}_tflops", 0) * 1e12
+    dtype = engine.kernels["dtype"]
+    peak = roofline.get(f"matmul_{dtype}_tflops", 0) * 1e12
     disk_peak = roofline.get("disk_odirect_4_stream_gbs", 0) * 1e9
     row = {"system": "flexgen-dist", "model": args.model, "gbs": gbs, "ngb": ngb, "batch": n,
            "prompt_len": args.prompt_len, "gen_len": args.gen_len, "percent": args.percent,
            "compress_weight": args.compress_weight, "compress_cache": args.compress_cache,
+           "dtype": dtype, "dtype_requested": args.dtype, "dtype_reason": engine.kernels["dtype_reason"],
            "page_cache_dropped": dropped, **{k: s[k] for k in (
                "prefill_latency_s", "prefill_throughput", "decode_latency_s", "decode_throughput",
                "total_throughput", "io_wait_s", "peak_rss_bytes")},
@@ -76,7 +77,7 @@ def run_transformers(args, batch: int) -> dict:
     cfg = OPTConfig(hidden_size=spec.hidden_size, ffn_dim=spec.ffn_dim, num_hidden_layers=spec.num_layers,
                     num_attention_heads=spec.num_heads, word_embed_proj_dim=spec.embed_dim,
                     do_layer_norm_before=spec.do_layer_norm_before, vocab_size=spec.vocab_size)
-    model = OPTForCausalLM(cfg).to(getattr(torch, args.dtype or "bfloat16")).eval()
+    model = OPTForCausalLM(cfg).to(getattr(torch, args.hf_dtype)).eval()
     ids = torch.randint(3, spec.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
     kw = dict(do_sample=False, pad_token_id=1, eos_token_id=None)
     with torch.no_grad():
@@ -99,10 +100,11 @@ def main() -> None:
     p.add_argument("--overlap", type=int, default=1)
     p.add_argument("--compress-weight", action="store_true")
     p.add_argument("--compress-cache", action="store_true")
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default="auto", help="auto (the probe's choice), float32 or bfloat16")
     p.add_argument("--offload-dir", default=os.path.expanduser("~/flexgen_offload_dir"))
     p.add_argument("--drop-cache", action="store_true", help="drop the page cache before each timed run (root)")
     p.add_argument("--hf-baseline", type=int, nargs="*", default=[], metavar="BATCH")
+    p.add_argument("--hf-dtype", default="bfloat16", help="dtype of the transformers baseline")
     p.add_argument("--roofline", help="JSON written by benchmark/roofline.py")
     p.add_argument("--json", help="append one JSON line per run here")
     args = p.parse_args()

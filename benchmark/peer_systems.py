@@ -88,10 +88,10 @@ def run_flexgen(spec: RunSpec, prompts: torch.Tensor) -> dict:
     if spec.prepare_only:
         engine.close()
         return {}
-    engine.generate(prompts[:, :8].tolist(), max_new_tokens=2)
+    engine.generate(prompts[:, :8].tolist(), max_new_tokens=2, ignore_eos=True)
     dropped = drop_page_cache() if spec.drop_cache else False
     read0 = disk_read_bytes()
-    engine.generate(prompts.tolist(), max_new_tokens=spec.gen_len)
+    engine.generate(prompts.tolist(), max_new_tokens=spec.gen_len, ignore_eos=True)
     read = disk_read_bytes() - read0
     engine.close()
     s = engine.last_stats

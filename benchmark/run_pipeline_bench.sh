@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmark/results-pipeline.jsonl}
 OFFLOAD=${OFFLOAD:-$HOME/flexgen_offload_dir}
 MODEL=${MODEL:-opt-1.3b}
-common=(--model "$MODEL" --dummy-weights --prompt-len 128 --gen-len 32 --num-prompts 32 --gpu-batch-size 8
+common=(--model "$MODEL" --dummy-weights --prompt-len 128 --gen-len 32 --num-prompts 32 --gpu-batch-size 8 --ignore-eos
         --offload-dir "$OFFLOAD")
 python -m flexgen_dist.run "${common[@]}" --gen-len 2 >/dev/null  # convert the store once, untimed
 OMP_NUM_THREADS=$(nproc) python -m flexgen_dist.run "${common[@]}" --num-gpu-batches 2 --log-file "$OUT"

@@ -50,14 +50,12 @@ def partition_stages(costs: list[float], first_extra: float, last_extra: float, 
     return sizes[::-1]
 
 
-def parse_stage_layers(text: str, layers: int, stages: int) -> list[int]:
-    try:
-        sizes = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise FlexGenError(f"--stage-layers {text!r}: expected comma-separated integers") from None
+def check_stage_layers(sizes: list[int], layers: int, stages: int) -> list[int]:
+    """Layers per rank as given by the user: one positive count per rank, summing to the model's."""
     if len(sizes) != stages or sum(sizes) != layers or min(sizes) < 1:
+        text = ",".join(map(str, sizes))
         raise FlexGenError(f"--stage-layers {text}: needs {stages} positive counts summing to {layers}")
-    return sizes
+    return list(sizes)
 
 
 def _short(error: Exception) -> str:

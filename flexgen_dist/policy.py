@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from enum import Enum
+from typing import Literal
 
 from .compression import CompressionConfig
 from .errors import FlexGenError
@@ -29,11 +30,17 @@ class Policy:
     num_gpu_batches: int = 1
     """Batches per block; each layer's weights are loaded once per block (effective batch = product)."""
     w_gpu_percent: float = 100
+    """Percent of each layer's weight bytes homed on the compute device."""
     w_cpu_percent: float = 0
+    """Percent of each layer's weight bytes homed in host memory (the rest on disk)."""
     cache_gpu_percent: float = 100
+    """Percent of the sequences whose KV cache lives on the compute device."""
     cache_cpu_percent: float = 0
+    """Percent of the sequences whose KV cache lives in host memory (the rest on disk)."""
     act_gpu_percent: float = 100
+    """Activations between layers on the compute device (0 or 100)."""
     act_cpu_percent: float = 0
+    """Activations between layers in host memory (0 or 100; neither = disk)."""
     overlap: bool = True
     """Prefetch weights and cache and store new KV on I/O threads while computing."""
     sep_layer: bool = True
@@ -46,8 +53,10 @@ class Policy:
     """Store matmul weights as group-wise quantized codes on every tier; decompress just before use."""
     compress_cache: bool = False
     """Store the KV cache quantized on every tier; compress on store, decompress on load."""
-    compress_bits: int = 4
+    compress_bits: Literal[4, 8] = 4
+    """Bits per compressed value."""
     compress_group_size: int = 64
+    """Values per compression group (each with its own minimum and step)."""
 
     def weight_compression(self) -> CompressionConfig | None:
         """Weights are grouped along their first dimension (output channels), as FlexGen does."""

@@ -1,0 +1,119 @@
+"""The dtype and kernel probe: both of its outcomes are run on every CPU by forcing it, so an
+AVX-512/AMX machine also runs the no-bf16 path and an AVX2-only machine the bf16 one."""
+import json
+
+import pytest
+import torch
+
+from conftest import PROMPTS, reference_generate
+from flexgen_dist import Engine, Policy, kernels, probe
+from flexgen_dist.run import main
+
+
+CACHED = (probe.pack_supported, probe.bf16_speedup)
+
+
+@pytest.fixture(autouse=True)
+def fresh_probe(monkeypatch):
+    """No forcing inherited from the environment, and no answers cached by an earlier test."""
+    monkeypatch.delenv(probe.BF16_ENV, raising=False)
+    monkeypatch.delenv(probe.PACK_ENV, raising=False)
+    for fn in CACHED:
+        fn.cache_clear()
+    yield
+    for fn in CACHED:  # a test may have forced an answer that later tests must not inherit
+        fn.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def reference(opt_checkpoint):
+    return reference_generate(opt_checkpoint[1], PROMPTS, 6)
+
+
+def test_forced_no_bf16_runs_float32_exactly(opt_checkpoint, reference, tmp_path, monkeypatch):
+    """The AVX2-only outcome: auto picks float32, nothing is packed, tokens equal transformers'."""
+    monkeypatch.setenv(probe.BF16_ENV, "0")
+    monkeypatch.setenv(probe.PACK_ENV, "0")
+    with Engine.from_pretrained(opt_checkpoint[0], policy=Policy(gpu_batch_size=5), offload_dir=tmp_path) as engine:
+        assert engine.dtype == torch.float32
+        assert engine.kernels == {"dtype": "float32", "dtype_reason": "forced by FLEXGEN_CPU_BF16=0",
+                                  "linear": "F.linear"}
+        ids = engine.generate(PROMPTS, max_new_tokens=6)
+    assert torch.equal(ids, reference[0])
+
+
+@pytest.mark.parametrize("pack", ["1", "0"])
+def test_forced_bf16_runs_close_to_float32(opt_checkpoint, reference, tmp_path, monkeypatch, pack):
+    """The AMX/AVX-512 outcome, with and without prepacked weights (packing only where the op
+    really works on this CPU). bf16 is not bit-exact; the first step's logits stay close."""
+    monkeypatch.setenv(probe.BF16_ENV, "1")
+    monkeypatch.setenv(probe.PACK_ENV, pack)
+    with Engine.from_pretrained(opt_checkpoint[0], policy=Policy(gpu_batch_size=5), offload_dir=tmp_path) as engine:
+        assert engine.dtype == torch.bfloat16
+        packs = pack == "1" and probe.pack_supported()
+        assert engine.kernels["linear"] == ("oneDNN prepacked bf16" if packs else "F.linear")
+        resident = [h.value for h in engine.executor.homes.values() if isinstance(h.value, torch.Tensor)]
+        assert any(t.is_mkldnn for t in resident) == packs
+        _, logits = engine.generate(PROMPTS, max_new_tokens=1, return_logits=True)
+    torch.testing.assert_close(logits[0], reference[1][0].float(), atol=0.1, rtol=0.05)
+
+
+def test_packing_falls_back_when_the_op_raises(monkeypatch):
+    """What an AVX2-only CPU does: oneDNN's packing raises, so bf16 weights stay plain."""
+    def refuse(*args):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert "
+                           "or avx512bw, avx512vl and avx512dq")
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    assert probe.pack_supported() is False
+    assert not kernels.can_pack(torch.device("cpu"), torch.bfloat16)
+    assert kernels.describe(torch.device("cpu"), torch.bfloat16) == "F.linear"
+
+
+def test_dtype_choice_follows_the_measurement(monkeypatch):
+    monkeypatch.setattr(probe, "cpu_has_bf16_path", lambda: False)
+    monkeypatch.setattr(probe, "bf16_speedup", lambda dim: pytest.fail("no bf16 path: nothing to time"))
+    assert probe.choose_cpu_dtype(2048).dtype == torch.float32
+    monkeypatch.setattr(probe, "cpu_has_bf16_path", lambda: True)
+    monkeypatch.setattr(probe, "bf16_speedup", lambda dim: 0.7)  # a bf16 path that is still slower
+    assert probe.choose_cpu_dtype(2048).dtype == torch.float32
+    monkeypatch.setattr(probe, "bf16_speedup", lambda dim: 3.0)
+    choice = probe.choose_cpu_dtype(2048)
+    assert choice.dtype == torch.bfloat16 and choice.bf16_vs_fp32 == 3.0 and "3.0x faster" in choice.reason
+
+
+def test_real_probe_answers_consistently():
+    """Whatever this CPU is: bf16 is chosen only with a oneDNN bf16 path, and the timing is cached."""
+    choice = probe.choose_cpu_dtype(512)
+    if not probe.cpu_has_bf16_path():
+        assert choice.dtype == torch.float32
+    if choice.dtype == torch.bfloat16:
+        assert choice.bf16_vs_fp32 > 1.1
+    if choice.bf16_vs_fp32 is not None:
+        assert probe.bf16_speedup.cache_info().currsize == 1
+        assert probe.choose_cpu_dtype(512) == choice
+
+
+def test_explicit_bf16_on_a_cpu_without_it_warns_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(probe, "cpu_has_bf16_path", lambda: False)
+    monkeypatch.setattr(probe, "bf16_speedup", lambda dim: 1 / 125)
+    log = tmp_path / "log.jsonl"
+    assert main(["--model", "opt-125m", "--dummy-weights", "--prompt-len", "4", "--gen-len", "2", "--dtype",
+                 "bfloat16", "--offload-dir", str(tmp_path), "--log-file", str(log)]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: this CPU has no fast bf16 path: a bf16 matmul measured 125x slower than "
+                        "float32 here; --dtype auto (or float32) is faster"]
+    assert "dtype bfloat16 (requested)" in captured.out
+    record = json.loads(log.read_text())
+    assert record["dtype"] == "bfloat16" and record["dtype_reason"] == "requested" and "linear" in record
+
+
+def test_report_and_log_name_the_probed_dtype(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(probe.BF16_ENV, "0")
+    log = tmp_path / "log.jsonl"
+    assert main(["--model", "opt-125m", "--dummy-weights", "--prompt-len", "4", "--gen-len", "2",
+                 "--offload-dir", str(tmp_path), "--log-file", str(log)]) == 0
+    out = capsys.readouterr().out
+    assert "dtype float32 (forced by FLEXGEN_CPU_BF16=0), linear layers: F.linear" in out
+    record = json.loads(log.read_text())
+    assert (record["dtype"], record["linear"]) == ("float32", "F.linear")
