@@ -64,13 +64,18 @@ class CompressedTensor:
         return CompressedTensor(move(self.data), move(self.mins), move(self.steps), self.shape, self.config)
 
 
-def compressed_nbytes(shape, dtype: torch.dtype, config: CompressionConfig) -> int:
-    """Bytes a tensor of `shape` takes once compressed (packed codes + min and step per group)."""
+def compressed_parts(shape, dtype: torch.dtype, config: CompressionConfig) -> tuple[int, int]:
+    """Bytes of the packed codes and of the (min, step) pairs of a tensor of `shape`."""
     dim = config.dim % len(shape)
     groups = -(-shape[dim] // config.group_size)
     rest = torch.Size(shape).numel() // shape[dim]
     elem = torch.empty((), dtype=dtype).element_size()
-    return rest * groups * (config.group_size // config.codes_per_byte + 2 * elem)
+    return rest * groups * config.group_size // config.codes_per_byte, rest * groups * 2 * elem
+
+
+def compressed_nbytes(shape, dtype: torch.dtype, config: CompressionConfig) -> int:
+    """Bytes a tensor of `shape` takes once compressed (packed codes + min and step per group)."""
+    return sum(compressed_parts(shape, dtype, config))
 
 
 def _round_toward(x32: torch.Tensor, dtype: torch.dtype, direction: float) -> torch.Tensor:

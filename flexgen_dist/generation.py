@@ -9,38 +9,22 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from . import kernels, probe
+from .budget import Plan, block_plan, check_disk, check_memory, weight_plan
+from .config import EngineConfig, GenerationConfig, make
 from .errors import FlexGenError
-from .dist import DistContext
+from .dist import DistContext, broadcast
 from .executor import LocalExecutor
 from .memory import Devices, peak_rss_bytes
 from .models import family_of
-from .models.base import StepInputs
+from .models.base import StepInputs, stage_costs
 from .pipeline import Ring, partition_stages
 from .policy import Policy, Tier
-from .sampling import choose_tokens, sequence_generators
-from .weights import TensorStore, resolve_model
+from .sampling import TokenChooser, generated_length, trim_after_stop
+from .workdir import open_work_dir, remove_work_dir
+from .weights import ResolvedModel, TensorStore, create_new, private_dir, resolve_model
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-@dataclass(kw_only=True)
-class GenerationConfig:
-    max_new_tokens: int = 32
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[int] = field(default_factory=list)
-    """Token ids that end a sequence; later positions are filled with the pad token."""
-    seed: int = 0
-
-    def validate(self) -> "GenerationConfig":
-        if self.max_new_tokens < 1:
-            raise FlexGenError(f"gen-len / max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise FlexGenError(f"temperature must be positive when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise FlexGenError(f"top-p must be in (0, 1], got {self.top_p}")
-        return self
 
 
 @dataclass
@@ -111,44 +95,59 @@ class Engine:
     Create it with `Engine.from_pretrained`. Under mpirun every rank builds its own Engine and
     calls `generate` with the same prompts; rank 0 gets the token ids, the others get None."""
 
-    def __init__(self, spec, executor: LocalExecutor, policy: Policy, devices: Devices, dtype, tokenizer_path,
-                 ctx: DistContext, ring: Ring, micro_batches: int, stage: tuple[int, int]):
-        self.spec, self.executor, self.policy, self.devices, self.dtype = spec, executor, policy, devices, dtype
-        self.tokenizer_path, self.ctx, self.ring, self.micro_batches, self.stage = tokenizer_path, ctx, ring, micro_batches, stage
+    def __init__(self, *, spec, executor: LocalExecutor, store: TensorStore, policy: Policy, devices: Devices, dtype: probe.DtypeChoice,
+                 model: ResolvedModel, ctx: DistContext, ring: Ring, micro_batches: int, stage: tuple[int, int]):
+        self.spec, self.executor, self.store, self.policy, self.devices = spec, executor, store, policy, devices
+        self.dtype, self.dtype_choice = dtype.dtype, dtype
+        self.tokenizer_path, self.eos_token_ids = model.tokenizer_path, model.eos_token_ids
+        self.ctx, self.ring, self.micro_batches, self.stage = ctx, ring, micro_batches, stage
+        self.kernels = {"dtype": str(self.dtype).split(".")[-1], "dtype_reason": dtype.reason,
+                        "linear": kernels.describe(devices.compute, self.dtype)}
         self.last_stats = GenerationStats()
+        self.last_stop: list[int] = []
         self.progress = sys.stderr.isatty() and ctx.first
+        self.closed = False
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, policy: Policy | None = None,
-                        offload_dir: str = "~/flexgen_offload_dir", dtype: str | torch.dtype | None = None,
-                        dummy_weights: bool = False, seed: int = 0, dist: DistContext | None = None,
-                        stage_layers: list[int] | None = None, micro_batches: int | None = None,
-                        comm_timeout: float = 600.0) -> "Engine":
-        """`dist` (from `flexgen_dist.dist.init`) makes this rank one pipeline stage; `stage_layers`
-        overrides the cost-balanced split; `micro_batches` defaults to the number of stages."""
+    def from_pretrained(cls, name_or_path: str, policy: Policy | None = None, config: EngineConfig | None = None,
+                        dist: DistContext | None = None, **options) -> "Engine":
+        """Build the engine for this rank. `options` are `EngineConfig` fields (offload_dir, dtype,
+        dummy_weights, seed, stage_layers, micro_batches, comm_device, comm_timeout) and override
+        `config`. `dist` (from `flexgen_dist.dist.init`) makes this rank one pipeline stage."""
+        config = make(EngineConfig, {**vars(config or EngineConfig()), **options}, "Engine.from_pretrained")
         ctx = dist or DistContext()
         policy = (policy or Policy()).validate()
         devices = Devices.detect(policy.pin_weight)
         if policy.cpu_cache_compute and devices.compute.type != "cpu":
             raise FlexGenError("--cpu-cache-compute is not implemented for CUDA compute devices yet")
-        dtype = resolve_dtype(dtype, devices)
-        offload_dir = prepare_offload_dir(offload_dir)
-        model = resolve_model(name_or_path, dummy_weights=dummy_weights, seed=seed)
+        model = resolve_model(name_or_path, dummy_weights=config.dummy_weights, seed=config.seed)
+        # every stage must compute in one dtype: rank 0 probes (or reads the request), the others follow
+        choice = resolve_dtype(config.dtype, devices, model.spec.hidden_size) if ctx.first else None
+        choice = broadcast(ctx, choice)
+        offload_dir = prepare_offload_dir(config.offload_dir)
         family = family_of(model.spec)
-        first, last = stage_range(model.spec, family, ctx, stage_layers)
+        first, last = stage_range(model.spec, family, ctx, config.stage_layers)
         layers = family.build_layers(model.spec, first, last, with_embed=ctx.first, with_head=ctx.last,
                                      sep_layer=policy.sep_layer)
-        compression = policy.weight_compression()
-        suffix = f"-q{compression.num_bits}g{compression.group_size}" if compression else ""
-        store_dir = os.path.join(offload_dir, "weights", f"{model.store_key}-{str(dtype).split('.')[-1]}{suffix}")
-        store = TensorStore(store_dir, model.source.fingerprint, dtype, compression)
+        check_memory(weight_plan(layers, policy, choice.dtype, devices.host_is_compute), devices.compute, "the weights")
+        store = open_store(offload_dir, model, choice.dtype, policy, config.rebuild_store)
         store.ensure([w for layer in layers for w in layer.weights], model.source, progress=ctx.first)
-        work_dir = os.path.join(offload_dir, "work")
-        os.makedirs(work_dir, exist_ok=True)
-        executor = LocalExecutor(layers, store, policy, devices, dtype, work_dir)
-        ring = Ring(ctx, devices.compute, comm_timeout)
-        return cls(model.spec, executor, policy, devices, dtype, model.tokenizer_path, ctx, ring,
-                   micro_batches or ctx.world_size, (first, last))
+        work_dir = open_work_dir(os.path.join(offload_dir, "work"))
+        try:
+            executor = LocalExecutor(layers, store, policy, devices, choice.dtype, work_dir)
+        except BaseException:
+            remove_work_dir(work_dir)
+            store.close()
+            raise
+        return cls(spec=model.spec, executor=executor, store=store, policy=policy, devices=devices, dtype=choice, model=model,
+                   ctx=ctx, ring=Ring(ctx, devices.compute, config.comm_timeout),
+                   micro_batches=config.micro_batches or ctx.world_size, stage=(first, last))
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def tokenizer(self):
@@ -159,15 +158,20 @@ class Engine:
             self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         return self._tokenizer
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, stop=None, seed: int = 0,
-                 return_logits: bool = False, force_tokens=None):
+    def generate(self, input_ids, attention_mask=None, *, return_logits: bool = False,
+                 new_tokens_only: bool = False, force_tokens=None, **options):
         """Token ids (N, longest prompt + new tokens), prompts left-padded as transformers returns
-        them; with `return_logits`, also a list with one (N, vocab) float tensor per step.
+        them, with the pad token after a stop; or, with `new_tokens_only`, one list per prompt of
+        its new tokens (up to and including its stop token). `options` are `GenerationConfig`
+        fields (max_new_tokens, do_sample, temperature, top_p, stop, ignore_eos, seed).
+        With `return_logits`, also a list with one (N, vocab) float tensor per step.
         `force_tokens` (N, max_new_tokens) feeds given tokens instead of chosen ones (scoring)."""
-        stop = [stop] if isinstance(stop, int) else list(stop or [])
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                  top_p=top_p, stop=stop, seed=seed).validate()
+        if self.closed:
+            raise FlexGenError("this Engine is closed; make a new one with Engine.from_pretrained")
+        stop = options.get("stop")
+        options["stop"] = [stop] if isinstance(stop, int) else list(stop or [])
+        config = make(GenerationConfig, options, "generate").validate()
+        config.stop = self.last_stop = self.stop_tokens(config)
         if return_logits and self.ctx.world_size > 1:
             raise FlexGenError("return_logits is only available on a single rank")
         prompts = normalize_prompts(input_ids, attention_mask)
@@ -182,7 +186,7 @@ class Engine:
             chunk = prompts[b0:b0 + block]
             filled = chunk + [chunk[-1]] * (block - len(chunk))  # pad the last block; dropped below
             forced = None if force_tokens is None else torch.as_tensor(force_tokens)[b0:b0 + block]
-            block_gens, block_logits = self._run_block(filled, b0, config, stats, bar, forced)
+            block_gens, block_logits = self._run_block(filled, b0, config, stats, bar, forced, return_logits)
             if self.ctx.first:
                 gens += list(block_gens[:len(chunk)])
                 logits.append([lg[:len(chunk)] for lg in block_logits])
@@ -191,10 +195,17 @@ class Engine:
         if not self.ctx.first:
             return None
         self._finish_stats(stats, gens, config.stop, len(prompts))
+        if new_tokens_only:
+            return [g[:generated_length(g.tolist(), config.stop)].tolist() for g in gens]
         ids = self._assemble(prompts, trim_after_stop(gens, config.stop))
         if not return_logits:
             return ids
         return ids, self._assemble_logits(logits, ids.shape[1] - max(map(len, prompts)))
+
+    def stop_tokens(self, config: GenerationConfig) -> list[int]:
+        """The tokens that end a sequence: the requested ones and, unless ignored, the model's EOS."""
+        eos = [] if config.ignore_eos else [t for t in self.eos_token_ids if t not in config.stop]
+        return list(config.stop) + eos
 
     def _check_prompts(self, prompts: list[list[int]], new: int) -> None:
         if not prompts:
@@ -203,13 +214,17 @@ class Engine:
             if not p:
                 raise FlexGenError(f"prompt {i} is empty")
             if len(p) + new > self.spec.max_positions:
+                window = getattr(self.spec, "sliding_window", None)
+                limit = (f"the model's sliding window is {window} (sliding-window attention is not supported)"
+                         if window else f"the model has {self.spec.max_positions}")
                 raise FlexGenError(f"prompt {i} has {len(p)} tokens; with {new} new tokens it needs "
-                                   f"{len(p) + new} positions but the model has {self.spec.max_positions}")
+                                   f"{len(p) + new} positions but {limit}")
             bad = [t for t in p if not 0 <= t < self.spec.vocab_size]
             if bad:
                 raise FlexGenError(f"prompt {i} has token id {bad[0]} outside the vocabulary (0-{self.spec.vocab_size - 1})")
 
-    def _run_block(self, prompts, b0: int, config: GenerationConfig, stats: GenerationStats, bar, forced):
+    def _run_block(self, prompts, b0: int, config: GenerationConfig, stats: GenerationStats, bar, forced,
+                   keep_logits: bool = False):
         """One block of `micro_batches` micro-batches through this rank's stage, every token step.
 
         Rank 0 feeds prompts (step 0) and the tokens that come back around the ring; the last rank
@@ -217,10 +232,13 @@ class Engine:
         ctx, ring, ex = self.ctx, self.ring, self.executor
         gbs, rows = self.policy.gpu_batch_size, self.policy.block_size
         device, steps = self.devices.compute, config.max_new_tokens
-        micro = [left_pad(prompts[t * rows:(t + 1) * rows], self.spec.pad_token_id) for t in range(self.micro_batches)]
+        micro = [left_pad(prompts[t * rows:(t + 1) * rows], self.spec.pad_id) for t in range(self.micro_batches)]
         masks = [mask for _, mask in micro]
+        width = max(ids.shape[1] for ids, _ in micro)
+        self._check_block_fits(width, steps)
         caches = [ex.allocate_caches([gbs] * self.policy.num_gpu_batches, ids.shape[1] + steps) for ids, _ in micro]
-        chooser = TokenChooser(config, self.spec.pad_token_id, b0, rows, self.micro_batches, forced) if ctx.last else None
+        chooser = TokenChooser(config, self.spec.pad_id, b0, rows, self.micro_batches, forced, keep_logits,
+                               ctx.rank) if ctx.last else None
         self._expect_inputs(micro, steps)
         received = [[] for _ in micro]
         t0, prefill_end = time.perf_counter(), None
@@ -255,8 +273,23 @@ class Engine:
         if not ctx.first:
             return None, []
         gens = torch.cat([torch.stack(r, dim=1) for r in received])
-        logits = [torch.cat(step) for step in zip(*chooser.logits)] if ctx.world_size == 1 else []
+        logits = [torch.cat(step) for step in zip(*chooser.logits)] if ctx.world_size == 1 and keep_logits else []
         return gens, logits
+
+    def memory_plan(self, prompt_len: int, max_new_tokens: int) -> Plan:
+        """The bytes this rank's policy places on each tier for a block of prompts this long."""
+        ex = self.executor
+        return weight_plan(ex.layers, self.policy, self.dtype, self.devices.host_is_compute) + \
+            block_plan(ex.layers, self.policy, self.dtype, self.micro_batches, prompt_len,
+                       prompt_len + max_new_tokens, self.spec.hidden_size, self.spec.vocab_size, self.spec.num_heads)
+
+    def _check_block_fits(self, prompt_len: int, steps: int) -> None:
+        """Before a block allocates its KV cache: the memory still free and the disk must take it
+        (the weights are already loaded, so only the block's own bytes are compared)."""
+        plan = block_plan(self.executor.layers, self.policy, self.dtype, self.micro_batches, prompt_len,
+                          prompt_len + steps, self.spec.hidden_size, self.spec.vocab_size, self.spec.num_heads)
+        check_memory(plan, self.devices.compute, "the KV cache and activations")
+        check_disk(plan, self.executor.work_dir, "the KV cache and activations")
 
     def _expect_inputs(self, micro, steps: int) -> None:
         """Tell the ring, in order, what this rank will receive during the block."""
@@ -270,9 +303,9 @@ class Engine:
                 self.ring.expect((len(ids), ids.shape[1] if i == 0 else 1, self.spec.hidden_size), self.dtype)
 
     def _assemble(self, prompts, gens) -> torch.Tensor:
-        ids, _ = left_pad(prompts, self.spec.pad_token_id)
+        ids, _ = left_pad(prompts, self.spec.pad_id)
         width = max(len(g) for g in gens)
-        out = torch.full((len(prompts), width), self.spec.pad_token_id, dtype=torch.long)
+        out = torch.full((len(prompts), width), self.spec.pad_id, dtype=torch.long)
         for r, g in enumerate(gens):
             out[r, :len(g)] = g
         return torch.cat([ids, out], dim=1)
@@ -299,48 +332,13 @@ class Engine:
         self.last_stats = stats
 
     def close(self) -> None:
-        self.executor.close()
-
-
-class TokenChooser:
-    """The last rank's sampling state for one block: generators, stop tracking, forced tokens."""
-
-    def __init__(self, config: GenerationConfig, pad: int, b0: int, rows: int, micro: int, forced):
-        self.config, self.pad, self.rows, self.forced = config, pad, rows, forced
-        self.generators = [sequence_generators(config.seed, list(range(b0 + t * rows, b0 + (t + 1) * rows)))
-                           if config.do_sample else None for t in range(micro)]
-        self.stopped = [torch.zeros(rows, dtype=torch.bool) for _ in range(micro)]
-        self.stop = torch.tensor(config.stop, dtype=torch.long)
-        self.logits: list[list[torch.Tensor]] = [[] for _ in range(micro)]
-
-    def choose(self, logits: torch.Tensor, t: int, step: int) -> torch.Tensor:
-        logits = logits.float().cpu()
-        self.logits[t].append(logits)
-        if self.forced is not None:
-            chosen = self.forced[t * self.rows:(t + 1) * self.rows, step]
-        else:
-            c = self.config
-            chosen = choose_tokens(logits, c.do_sample, c.temperature, c.top_p, self.generators[t])
-        chosen = chosen.masked_fill(self.stopped[t], self.pad)
-        self.stopped[t] |= torch.isin(chosen, self.stop)
-        return chosen
-
-    def all_stopped(self) -> bool:
-        return all(bool(s.all()) for s in self.stopped)
-
-
-def generated_length(tokens: list[int], stop: list[int]) -> int:
-    """Tokens really generated: up to and including the first stop token."""
-    for i, t in enumerate(tokens):
-        if t in stop:
-            return i + 1
-    return len(tokens)
-
-
-def trim_after_stop(gens: list[torch.Tensor], stop: list[int]) -> list[torch.Tensor]:
-    """Drop trailing steps in which every sequence had already stopped (as transformers does)."""
-    width = max(generated_length(g.tolist(), stop) for g in gens)
-    return [g[:width] for g in gens]
+        if not self.closed:
+            self.closed = True
+            try:
+                self.executor.close()
+            finally:
+                remove_work_dir(self.executor.work_dir)
+                self.store.close()  # a later job may now remove this store version if it is stale
 
 
 def stage_range(spec, family, ctx: DistContext, stage_layers: list[int] | None) -> tuple[int, int]:
@@ -348,33 +346,49 @@ def stage_range(spec, family, ctx: DistContext, stage_layers: list[int] | None) 
     if ctx.world_size == 1:
         return 0, spec.num_layers
     if stage_layers is None:
-        layers = family.build_layers(spec)
-        size = lambda layer: sum(torch.Size(w.shape).numel() for w in layer.weights)  # noqa: E731
-        blocks = [size(layer) for layer in layers[1:-1]]
-        per_block = len(blocks) // spec.num_layers
-        costs = [sum(blocks[i * per_block:(i + 1) * per_block]) for i in range(spec.num_layers)]
-        stage_layers = partition_stages(costs, size(layers[0]), size(layers[-1]), ctx.world_size)
+        blocks, embed, head = stage_costs(family.build_layers(spec), spec.num_layers)
+        stage_layers = partition_stages(blocks, embed, head, ctx.world_size)
     first = sum(stage_layers[:ctx.rank])
     return first, first + stage_layers[ctx.rank]
 
 
-def resolve_dtype(dtype, devices: Devices) -> torch.dtype:
-    if dtype is None:
-        return torch.float16 if devices.compute.type == "cuda" else torch.bfloat16
+def resolve_dtype(dtype, devices: Devices, dim: int) -> probe.DtypeChoice:
+    """`auto` (or None) asks the probe; an explicit dtype is used as given, with a one-line
+    warning where bf16 is requested on a CPU that has no fast bf16 path."""
     if isinstance(dtype, torch.dtype):
-        return dtype
+        return probe.DtypeChoice(dtype, "requested")
+    if dtype in (None, "auto"):
+        return probe.choose_dtype(devices.compute, dim)
     if dtype not in DTYPES:
-        raise FlexGenError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+        raise FlexGenError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    if DTYPES[dtype] == torch.bfloat16 and devices.compute.type == "cpu":
+        message = probe.slow_bf16_warning(dim)
+        if message:
+            print(message, file=sys.stderr)
+    return probe.DtypeChoice(DTYPES[dtype], "requested")
+
+
+def open_store(offload_dir: str, model: ResolvedModel, dtype: torch.dtype, policy: Policy,
+               rebuild: bool = False) -> TensorStore:
+    """The converted weight store for this model, dtype and weight compression."""
+    compression = policy.weight_compression()
+    suffix = f"-q{compression.num_bits}g{compression.group_size}" if compression else ""
+    store_dir = os.path.join(offload_dir, "weights", f"{model.store_key}-{str(dtype).split('.')[-1]}{suffix}")
+    return TensorStore(store_dir, model.source.fingerprint, dtype, compression, rebuild)
 
 
 def prepare_offload_dir(path: str) -> str:
+    """The offload dir as an absolute path, ready for use: created mode 0700 if absent (so are its
+    `weights` and `work` subdirectories), owned by this user and writable. A directory (or a link
+    planted where one belongs) of another user is refused with one line naming it: the engine
+    would read weights from, and write caches into, a place that user controls."""
     path = os.path.abspath(os.path.expanduser(path))
     try:
-        os.makedirs(path, exist_ok=True)
+        private_dir(path, "offload dir", follow=True)  # the user's own path may be a symlink
+        for sub in ("weights", "work"):
+            private_dir(os.path.join(path, sub), "offload dir")
         probe = os.path.join(path, f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
+        os.close(create_new(probe))
         os.remove(probe)
     except OSError as e:
         raise FlexGenError(f"offload dir {path} is not writable ({e.strerror})") from None

@@ -12,5 +12,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 cores=$(nproc)
 # ranks share the node's cores evenly; more ranks than cores is allowed (oversubscribed)
 threads=$(( cores / ranks )); [ "$threads" -ge 1 ] || threads=1
-exec "$MPIRUN" -n "$ranks" --oversubscribe --bind-to none -x OMP_NUM_THREADS="$threads" \
+# every rank is on this node: MPI talks through shared memory, and its TCP transport (which would
+# listen on every interface in each rank) is left out; OMPI_MCA_btl overrides
+exec "$MPIRUN" -n "$ranks" --oversubscribe --bind-to none --mca btl "${OMPI_MCA_btl:-^tcp}" \
+    -x OMP_NUM_THREADS="$threads" \
     "$PYTHON" -m flexgen_dist.run "$@"

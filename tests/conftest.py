@@ -84,3 +84,29 @@ def run_cli(*args, timeout=300, cwd=None):
     p = subprocess.run([sys.executable, "-m", "flexgen_dist.run", *map(str, args)], capture_output=True,
                        text=True, timeout=timeout, cwd=cwd, env=env)
     return p.returncode, p.stdout, p.stderr
+
+
+def kv_or_activation_files(root) -> list:
+    return [p for p in root.rglob("*") if p.is_file() and p.name.startswith(("kv.", "act."))]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Every test that used a temp dir leaves no KV-cache or activation file in it."""
+    result = yield
+    path = item.funcargs.get("tmp_path")
+    left = kv_or_activation_files(path) if path is not None else []
+    assert not left, f"left behind: {left[:3]}"
+    return result
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After the whole suite, no KV-cache or activation file may be left in the temp dirs it used."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    base = factory.getbasetemp()
+    left = kv_or_activation_files(base)
+    if left:
+        print(f"\nleft behind by the suite: {len(left)} KV/activation files, e.g. {left[0]}")
+        session.exitstatus = 1

@@ -1,0 +1,145 @@
+"""Private per-process directories for temporary files (disk-homed KV cache and activations),
+and the removal of every temporary file on every exit a process can see.
+
+Each process works in `<offload>/work/<pid>-<random>/`, holding an exclusive lock on the `owner`
+file inside for as long as it lives. Every exit a process can see (normal end, exception, SIGINT,
+SIGTERM, a lost peer) removes its directory; what a process that could not see its end (SIGKILL,
+the OOM killer, power loss) leaves behind is removed by the next process that opens the same work
+root: the kernel dropped the dead owner's lock, so taking it succeeds. A live owner's lock cannot
+be taken, so its files are never touched, whatever its PID.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import os
+import secrets
+import shutil
+import signal
+import sys
+import threading
+
+OWNER = "owner"
+_live: dict[str, int] = {}  # this process's work dirs -> their lock file descriptors
+_partial: set[str] = set()  # files being written now (a store tensor, an output), removed if we die
+_lock = threading.Lock()
+EXIT_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+
+
+def make_private_dir(path: str) -> str:
+    """`path` and missing parents created with mode 0700 (only the user can list or enter it)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def open_work_dir(root: str) -> str:
+    """A new private directory under `root` for this process, after removing dead processes' ones."""
+    make_private_dir(root)
+    sweep(root)
+    path = os.path.join(root, f"{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(path, 0o700)
+    fd = os.open(os.path.join(path, OWNER), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    with _lock:
+        _live[path] = fd
+    return path
+
+
+def sweep(root: str) -> list[str]:
+    """Remove the work dirs under `root` whose owner process is gone; returns what was removed."""
+    removed = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if path in _live or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        if _owner_is_gone(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _owner_is_gone(path: str) -> bool:
+    try:
+        fd = os.open(os.path.join(path, OWNER), os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:  # its owner died between mkdir and creating the lock, or it is not ours
+        return not any(True for _ in os.scandir(path)) or _looks_dead(path)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _looks_dead(path: str) -> bool:
+    """A lockless work dir: dead if the PID in its name no longer exists."""
+    try:
+        os.kill(int(os.path.basename(path).split("-")[0]), 0)
+    except (ValueError, ProcessLookupError):
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_work_dir(path: str) -> None:
+    """Remove one of this process's work dirs and release its lock."""
+    with _lock:
+        fd = _live.pop(path, None)
+    shutil.rmtree(path, ignore_errors=True)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def partial_file(path: str):
+    """While the block runs, `path` is a file being written: removed if the process ends first
+    (and by the block itself if it raises)."""
+    with _lock:
+        _partial.add(path)
+    try:
+        yield path
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
+    finally:
+        with _lock:
+            _partial.discard(path)
+
+
+def remove_all() -> None:
+    """Remove every work dir and half-written file of this process (at exit, on a signal, and
+    before an abrupt `os._exit`)."""
+    for path in list(_live):
+        remove_work_dir(path)
+    for path in list(_partial):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def exit_cleanly_on_signals() -> None:
+    """SIGINT, SIGTERM and SIGHUP end the process after removing its temporary files, even while
+    the main thread is blocked in a long native call (a collective, a disk read): the signals are
+    blocked in this thread (and so in every thread it starts) and taken by one thread of their
+    own. A thread that already existed may still receive one; the Python handler then does the
+    same from the main thread. Call it early, before the work starts threads."""
+    signals = set(EXIT_SIGNALS)
+    for sig in signals:
+        signal.signal(sig, lambda number, frame: _stop(number))
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    threading.Thread(target=lambda: _stop(signal.sigwait(signals)), name="flexgen-signals", daemon=True).start()
+
+
+def _stop(number: int) -> None:
+    print(f"{signal.Signals(number).name}: stopped; temporary files removed", file=sys.stderr, flush=True)
+    remove_all()
+    os._exit(EXIT_SIGNALS[number])
+
+
+atexit.register(remove_all)
