@@ -284,6 +284,7 @@ def fail(ctx: DistContext, error: BaseException) -> None:
     neighbour first gives the rank that caused it a moment to report its own error."""
     message = str(error) if isinstance(error, PeerLost) else f"rank {ctx.rank}: {type(error).__name__}: {error}"
     message = message.replace("\n", " ")
+    workdir.remove_all()  # now: the launcher may SIGKILL this process while it waits below
     if not ctx.first and ctx.mpi is not None:
         try:
             ctx.mpi.send(message, dest=0, tag=ERROR_TAG)  # small: delivered eagerly

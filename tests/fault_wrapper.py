@@ -10,6 +10,7 @@ import sys
 from flexgen_dist import FlexGenError, dist
 from flexgen_dist.executor import LocalExecutor
 from flexgen_dist.run import main
+from flexgen_dist.workdir import exit_cleanly_on_signals
 
 
 def inject(rank: int, call: int, kind: str) -> None:
@@ -34,6 +35,7 @@ def inject(rank: int, call: int, kind: str) -> None:
 
 
 if __name__ == "__main__":
+    exit_cleanly_on_signals()  # as the real command line does (run.cli)
     rank, call, kind = os.environ["FLEXGEN_TEST_FAULT"].split(":")
     inject(int(rank), int(call), kind)
     sys.exit(main())

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import torch
 from conftest import PROMPTS, make_checkpoint, reference_generate
 from flexgen_dist import Engine, Policy
 from flexgen_dist.pipeline import check_stage_layers, partition_stages
+from flexgen_dist.workdir import sweep
 
 MPIRUN = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
 needs_mpi = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed")
@@ -137,3 +139,31 @@ def test_a_failing_rank_ends_the_job_naming_it(six_layers, kind, tmp_path):
     time.sleep(1)
     left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
     assert not left, f"orphan processes: {left}"
+    work = tmp_path / marker / "work"
+    dirs = [d for d in work.iterdir()] if work.exists() else []
+    # every rank that saw the end removed its files; only a SIGKILLed one could not
+    assert len(dirs) <= (1 if kind == "kill" else 0), dirs
+    if dirs:  # the next run that opens this work root removes them: their owner is gone
+        assert sorted(sweep(str(work))) == sorted(map(str, dirs))
+
+
+@needs_mpi
+@pytest.mark.timeout(180)
+def test_sigterm_to_mpirun_ends_every_rank_and_leaves_no_files(six_layers, tmp_path):
+    path, _ = six_layers
+    args = ["-m", "flexgen_dist.run", "--model", path, "--prompt-len", 4, "--gen-len", 56, "--gpu-batch-size", 1,
+            "--num-prompts", 4, "--dtype", "float32", "--percent", 100, 0, 0, 0, 0, 0, "--overlap", 0,
+            "--offload-dir", tmp_path, "--comm-timeout", 60]
+    cmd = [MPIRUN, "-n", "2", "--oversubscribe", sys.executable, *map(str, args)]
+    proc = subprocess.Popen(cmd, env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while len({p.parent for p in (tmp_path / "work").rglob("kv.*")}) < 2:  # both ranks hold KV files
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    time.sleep(1)
+    assert [d for d in (tmp_path / "work").iterdir()] == []
