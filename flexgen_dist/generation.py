@@ -95,8 +95,9 @@ class Engine:
     Create it with `Engine.from_pretrained`. Under mpirun every rank builds its own Engine and
     calls `generate` with the same prompts; rank 0 gets the token ids, the others get None."""
 
-    def __init__(self, *, spec, executor: LocalExecutor, store: TensorStore, policy: Policy, devices: Devices, dtype: probe.DtypeChoice,
-                 model: ResolvedModel, ctx: DistContext, ring: Ring, micro_batches: int, stage: tuple[int, int]):
+    def __init__(self, *, spec, executor: LocalExecutor, store: TensorStore, policy: Policy, devices: Devices,
+                 dtype: probe.DtypeChoice, model: ResolvedModel, ctx: DistContext, ring: Ring, micro_batches: int,
+                 stage: tuple[int, int]):
         self.spec, self.executor, self.store, self.policy, self.devices = spec, executor, store, policy, devices
         self.dtype, self.dtype_choice = dtype.dtype, dtype
         self.tokenizer_path, self.eos_token_ids = model.tokenizer_path, model.eos_token_ids
@@ -139,8 +140,8 @@ class Engine:
             remove_work_dir(work_dir)
             store.close()
             raise
-        return cls(spec=model.spec, executor=executor, store=store, policy=policy, devices=devices, dtype=choice, model=model,
-                   ctx=ctx, ring=Ring(ctx, devices.compute, config.comm_timeout),
+        return cls(spec=model.spec, executor=executor, store=store, policy=policy, devices=devices, dtype=choice,
+                   model=model, ctx=ctx, ring=Ring(ctx, devices.compute, config.comm_timeout),
                    micro_batches=config.micro_batches or ctx.world_size, stage=(first, last))
 
     def __enter__(self) -> "Engine":

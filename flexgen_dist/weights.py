@@ -27,7 +27,7 @@ from .models.base import WeightSpec
 MANIFEST = "manifest.json"
 # FLEXGEN_VERIFY_STORE=0 skips the checksum of each file's first read (measured cost: benchmark/RESULTS.md)
 VERIFY_ENV = "FLEXGEN_VERIFY_STORE"
-STORE_VERSION = 2  # 2: per-file CRC-32 checksums in the manifest
+STORE_VERSION = 3  # 3: per-file XXH3 checksums in the manifest
 
 
 class DummySource:
@@ -326,14 +326,14 @@ class TensorStore:
                              "--offload-dir on a larger disk")
 
     def _convert(self, spec: WeightSpec, t: torch.Tensor) -> dict:
-        """Write one tensor's files; its manifest entry records their CRC-32 checksums."""
+        """Write one tensor's files; its manifest entry records their XXH3 checksums."""
         entry = {"shape": list(spec.shape), "nbytes": t.numel() * t.element_size()}
         if self.compression is None or not spec.compressible:
-            entry["crc32"] = {"raw": write_file(os.path.join(self.root, spec.name + ".bin"), t)}
+            entry["xxh3"] = {"raw": write_file(os.path.join(self.root, spec.name + ".bin"), t)}
             return entry
         c = quantize(t, self.compression)
         scales = torch.stack([c.mins, c.steps])
-        entry["crc32"] = {"codes": write_file(os.path.join(self.root, spec.name + ".q.bin"), c.data),
+        entry["xxh3"] = {"codes": write_file(os.path.join(self.root, spec.name + ".q.bin"), c.data),
                           "scales": write_file(os.path.join(self.root, spec.name + ".s.bin"), scales)}
         entry["packed"] = {"codes": list(c.data.shape), "scales": list(scales.shape),
                            "nbytes": [nbytes(c.data), nbytes(scales)]}
@@ -396,15 +396,15 @@ class TensorStore:
         before any token depends on it; later reads of the same file trust it."""
         entry, files = self.tensors[name], self.files(name)
         verify = name not in self._verified and os.environ.get(VERIFY_ENV, "1") != "0"
-        crcs = entry["crc32"] if verify else {}
+        digests = entry["xxh3"] if verify else {}
         try:
             if "packed" not in entry:
-                raw = read_file(files["raw"], entry["nbytes"], alloc, crcs.get("raw"))
+                raw = read_file(files["raw"], entry["nbytes"], alloc, digests.get("raw"))
                 value = raw.view(self.dtype).view(entry["shape"])
             else:
                 packed = entry["packed"]
-                codes = read_file(files["codes"], packed["nbytes"][0], alloc, crcs.get("codes")).view(packed["codes"])
-                scales = read_file(files["scales"], packed["nbytes"][1], alloc, crcs.get("scales"))
+                codes = read_file(files["codes"], packed["nbytes"][0], alloc, digests.get("codes")).view(packed["codes"])
+                scales = read_file(files["scales"], packed["nbytes"][1], alloc, digests.get("scales"))
                 scales = scales.view(self.dtype).view(packed["scales"])
                 value = CompressedTensor(codes, scales[0], scales[1], tuple(entry["shape"]), self.compression)
         except DamagedFile as e:
