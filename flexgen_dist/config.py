@@ -89,13 +89,21 @@ class JobConfig:
     tokenizer: str | None = None
     """Tokenizer directory, when the model directory has none."""
     prompts: str | None = None
-    """Text file (one prompt per line) or JSONL with 'prompt' (text) or 'input_ids' per line."""
+    """Text file (one prompt per line), JSONL with 'prompt' (text), 'input_ids' or chat 'messages'
+    per line, or an OpenAI batch file (custom_id, method, url, body)."""
     prompt_len: int = 32
     """Without --prompts: length of the synthetic random-token prompts."""
     num_prompts: int | None = None
     """Without --prompts: how many synthetic prompts (default: one block)."""
     output: str | None = None
-    """Write one JSON object per prompt, in input order, to this JSONL file."""
+    """Write one JSON object per request to this JSONL file, in input order once the job is done;
+    rows are journaled as blocks finish, and a rerun with the same output resumes the job."""
+    strict: bool = False
+    """Fail at the first bad request instead of writing an error record for it and going on."""
+    bucket: bool = True
+    """Group requests of similar prompt and requested length into blocks (less padding; same outputs)."""
+    quiet: bool = False
+    """No progress bar (there is none anyway when stderr is not a terminal)."""
     log_file: str | None = None
     """Append one JSON line of metrics per run to this file."""
     verbose: bool = False

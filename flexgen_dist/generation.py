@@ -17,10 +17,11 @@ from .dist import DistContext, broadcast
 from .executor import LocalExecutor
 from .memory import Devices, peak_rss_bytes
 from .models import family_of
-from .models.base import StepInputs, stage_costs
+from .models.base import stage_costs
 from .pipeline import Ring, partition_stages
 from .policy import Policy, Tier
-from .sampling import TokenChooser, generated_length, trim_after_stop
+from .block import BlockRun, left_pad
+from .sampling import RowParams, generated_length, trim_after_stop
 from .workdir import open_work_dir, remove_work_dir
 from .weights import ResolvedModel, TensorStore, create_new, private_dir, resolve_model
 
@@ -58,27 +59,6 @@ class GenerationStats:
         }
 
 
-def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[r, width - len(p):] = True
-    return ids, mask
-
-
-def step_inputs(mask: torch.Tensor, new: int, dtype: torch.dtype, device) -> StepInputs:
-    """Positions and the additive attention bias for the last `new` columns of `mask`."""
-    total = mask.shape[1]
-    start = total - new
-    positions = ((mask.long().cumsum(1) - 1) * mask)[:, start:]
-    causal = torch.arange(total)[None, :] <= torch.arange(start, total)[:, None]  # (new, total)
-    visible = causal[None, None] & mask[:, None, None, :]
-    bias = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
-    return StepInputs(positions.to(device), bias.to(device), start)
-
-
 def normalize_prompts(input_ids, attention_mask=None) -> list[list[int]]:
     """A list of id lists, or a (N, L) tensor with an optional mask, to a list of id lists."""
     if isinstance(input_ids, torch.Tensor):
@@ -101,11 +81,13 @@ class Engine:
         self.spec, self.executor, self.store, self.policy, self.devices = spec, executor, store, policy, devices
         self.dtype, self.dtype_choice = dtype.dtype, dtype
         self.tokenizer_path, self.eos_token_ids = model.tokenizer_path, model.eos_token_ids
+        self.weights_id = model.source.fingerprint  # what a batch job's manifest records
         self.ctx, self.ring, self.micro_batches, self.stage = ctx, ring, micro_batches, stage
         self.kernels = {"dtype": str(self.dtype).split(".")[-1], "dtype_reason": dtype.reason,
                         "linear": kernels.describe(devices.compute, self.dtype)}
         self.last_stats = GenerationStats()
         self.last_stop: list[int] = []
+        self.last_batch = None  # what the last generate_batch did (batch.BatchInfo)
         self.progress = sys.stderr.isatty() and ctx.first
         self.closed = False
 
@@ -187,7 +169,11 @@ class Engine:
             chunk = prompts[b0:b0 + block]
             filled = chunk + [chunk[-1]] * (block - len(chunk))  # pad the last block; dropped below
             forced = None if force_tokens is None else torch.as_tensor(force_tokens)[b0:b0 + block]
-            block_gens, block_logits = self._run_block(filled, b0, config, stats, bar, forced, return_logits)
+            if forced is not None and len(forced) < block:
+                forced = torch.cat([forced, forced[-1:].expand(block - len(forced), -1)])
+            params = [self.row_params(config, b0 + r) for r in range(len(chunk))]
+            params += [RowParams(max_tokens=1, key=-1)] * (block - len(chunk))  # fillers end at once
+            block_gens, block_logits = BlockRun(self, filled, params, forced, return_logits).run(stats, bar)
             if self.ctx.first:
                 gens += list(block_gens[:len(chunk)])
                 logits.append([lg[:len(chunk)] for lg in block_logits])
@@ -202,6 +188,17 @@ class Engine:
         if not return_logits:
             return ids
         return ids, self._assemble_logits(logits, ids.shape[1] - max(map(len, prompts)))
+
+    @staticmethod
+    def row_params(config: GenerationConfig, index: int) -> RowParams:
+        """One prompt's parameters under `config` (whose `stop` already holds the EOS tokens)."""
+        return RowParams(max_tokens=config.max_new_tokens, stop=list(config.stop), do_sample=config.do_sample,
+                         temperature=config.temperature, top_p=config.top_p, seed=config.seed, key=index)
+
+    def generate_batch(self, requests, **options):
+        """The library form of the file job: see `flexgen_dist.batch.generate_batch`."""
+        from .batch import generate_batch
+        return generate_batch(self, requests, **options)
 
     def stop_tokens(self, config: GenerationConfig) -> list[int]:
         """The tokens that end a sequence: the requested ones and, unless ignored, the model's EOS."""
@@ -224,59 +221,6 @@ class Engine:
             if bad:
                 raise FlexGenError(f"prompt {i} has token id {bad[0]} outside the vocabulary (0-{self.spec.vocab_size - 1})")
 
-    def _run_block(self, prompts, b0: int, config: GenerationConfig, stats: GenerationStats, bar, forced,
-                   keep_logits: bool = False):
-        """One block of `micro_batches` micro-batches through this rank's stage, every token step.
-
-        Rank 0 feeds prompts (step 0) and the tokens that come back around the ring; the last rank
-        samples. Returns (tokens (rows, steps), per-step logits) on rank 0."""
-        ctx, ring, ex = self.ctx, self.ring, self.executor
-        gbs, rows = self.policy.gpu_batch_size, self.policy.block_size
-        device, steps = self.devices.compute, config.max_new_tokens
-        micro = [left_pad(prompts[t * rows:(t + 1) * rows], self.spec.pad_id) for t in range(self.micro_batches)]
-        masks = [mask for _, mask in micro]
-        width = max(ids.shape[1] for ids, _ in micro)
-        self._check_block_fits(width, steps)
-        caches = [ex.allocate_caches([gbs] * self.policy.num_gpu_batches, ids.shape[1] + steps) for ids, _ in micro]
-        chooser = TokenChooser(config, self.spec.pad_id, b0, rows, self.micro_batches, forced, keep_logits,
-                               ctx.rank) if ctx.last else None
-        self._expect_inputs(micro, steps)
-        received = [[] for _ in micro]
-        t0, prefill_end = time.perf_counter(), None
-        try:
-            for i in range(steps):
-                for t, (ids, _) in enumerate(micro):
-                    new = ids.shape[1] if i == 0 else 1
-                    inputs = [step_inputs(m, new, self.dtype, device) for m in masks[t].split(gbs)]
-                    x = ids if ctx.first and i == 0 else ring.receive()
-                    if ctx.first and i > 0:  # the tokens chosen at step i - 1
-                        received[t].append(x.cpu())
-                        x = x[:, None]
-                        prefill_end = prefill_end or (time.perf_counter() if t == len(micro) - 1 else None)
-                    y = torch.cat(ex.forward_step([c.to(device) for c in x.split(gbs)], inputs, caches[t]))
-                    ring.send(chooser.choose(y, t, i) if ctx.last else y)
-                    masks[t] = torch.cat([masks[t], torch.ones((len(masks[t]), 1), dtype=torch.bool)], dim=1)
-                bar.update(1)
-                if ctx.world_size == 1 and chooser.all_stopped():
-                    bar.update(steps - i - 1)
-                    break
-            if ctx.first:  # the last step's tokens are still on their way around the ring
-                for t in range(len(micro)):
-                    received[t].append(ring.receive().cpu())
-        finally:
-            ex.drain()
-            for c in caches:
-                ex.free_caches(c)
-        end = time.perf_counter()
-        prefill_end = prefill_end or end
-        stats.prefill_time += prefill_end - t0
-        stats.decode_time += end - prefill_end
-        if not ctx.first:
-            return None, []
-        gens = torch.cat([torch.stack(r, dim=1) for r in received])
-        logits = [torch.cat(step) for step in zip(*chooser.logits)] if ctx.world_size == 1 and keep_logits else []
-        return gens, logits
-
     def memory_plan(self, prompt_len: int, max_new_tokens: int) -> Plan:
         """The bytes this rank's policy places on each tier for a block of prompts this long."""
         ex = self.executor
@@ -291,17 +235,6 @@ class Engine:
                           prompt_len + steps, self.spec.hidden_size, self.spec.vocab_size, self.spec.num_heads)
         check_memory(plan, self.devices.compute, "the KV cache and activations")
         check_disk(plan, self.executor.work_dir, "the KV cache and activations")
-
-    def _expect_inputs(self, micro, steps: int) -> None:
-        """Tell the ring, in order, what this rank will receive during the block."""
-        if self.ctx.first:
-            for _ in range(steps):
-                for ids, _ in micro:
-                    self.ring.expect((len(ids),), torch.long)
-            return
-        for i in range(steps):
-            for ids, _ in micro:
-                self.ring.expect((len(ids), ids.shape[1] if i == 0 else 1, self.spec.hidden_size), self.dtype)
 
     def _assemble(self, prompts, gens) -> torch.Tensor:
         ids, _ = left_pad(prompts, self.spec.pad_id)

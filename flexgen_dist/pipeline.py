@@ -100,14 +100,23 @@ class Ring:
             self.posted.append((dist.irecv(buf, src=self.source), buf))
 
     def receive(self) -> torch.Tensor:
+        """The next input. Invariant: when it returns, at most one later receive is posted, so a
+        sender that ends the block early (see block.py) knows it owes exactly one filler."""
         t0 = time.perf_counter()
         if self.ctx.world_size == 1:
             return self.local.popleft()
+        self._post(2)  # the one after this is posted before we wait, so it overlaps our compute
         work, buf = self.posted.popleft()
         self._await(work)
-        self._post(2)
         self.idle += time.perf_counter() - t0
         return buf.to(self.device)
+
+    def abandon(self) -> None:
+        """Leave the block early: take the receives already posted (their fillers arrive) and
+        forget the inputs announced but never to be sent."""
+        while self.posted:
+            self._await(self.posted.popleft()[0])
+        self.expected.clear()
 
     def _await(self, work) -> None:
         try:

@@ -49,6 +49,11 @@ def _jsonl_prompt(path: str, line_no: int, line: str, index: int) -> Prompt:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise FlexGenError(f"{path} line {line_no}: not valid JSON ({e.msg})") from None
+    return prompt_from_object(path, line_no, obj, index)
+
+
+def prompt_from_object(path: str, line_no: int, obj, index: int) -> Prompt:
+    """The prompt of one parsed JSONL line: its `prompt` text, `input_ids` or chat `messages`."""
     if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
         return Prompt(index, text=obj["prompt"])
     ids = obj.get("input_ids") if isinstance(obj, dict) else None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -16,11 +18,11 @@ from .errors import FlexGenError
 from .flags import DefaultsHelpFormatter, OneLineErrorParser, add_fields, check_config_keys, config_defaults
 from .generation import Engine, GenerationStats
 from .memory import peak_rss_bytes
-from .outputs import append_line, check_writable, write_atomically
+from .outputs import JobOutput, append_line, check_writable
 from .pipeline import check_stage_layers
 from .policy import Policy, Tier
-from .prompts import read_prompts, synthetic_prompts, tokenize
-from .sampling import generated_length
+from .prompts import synthetic_prompts
+from .requests import Request, read_requests
 from .weights import resolve_model
 from .workdir import exit_cleanly_on_signals
 
@@ -88,55 +90,98 @@ def run(args, ctx: DistContext) -> int:
     policy = policy_from_args(args)
     gen = GenerationConfig(**pick(GenerationConfig, args)).validate()
     engine_config = EngineConfig(**pick(EngineConfig, args))
-    prompts = read_prompts(args.prompts) if args.prompts and ctx.first else None
+    requests = read_requests(args.prompts) if args.prompts and ctx.first else None
     if engine_config.stage_layers:
         spec = resolve_model(args.model, dummy_weights=args.dummy_weights).spec
         check_stage_layers(engine_config.stage_layers, spec.num_layers, ctx.world_size)
     ctx = dist.init(ctx, engine_config.comm_device, engine_config.comm_timeout)
     dist.watch_for_failures(ctx)
     engine_config.offload_dir = engine_config.offload_dir.format(rank=ctx.rank, local_rank=ctx.local_rank)
+    t0 = time.perf_counter()
     with Engine.from_pretrained(args.model, policy=policy, config=engine_config, dist=ctx) as engine:
+        load_s = time.perf_counter() - t0
         if args.tokenizer:
             engine.tokenizer_path = args.tokenizer
-        job = None
-        if ctx.first:  # rank 0 reads and tokenizes; every stage needs the same token ids
-            if prompts is None:
-                count = engine.micro_batches * policy.block_size if args.num_prompts is None else args.num_prompts
-                prompts = synthetic_prompts(count, args.prompt_len, engine.spec.vocab_size, args.seed)
-            job = (tokenize(prompts, engine.tokenizer), stop_ids(args.stop, engine.tokenizer))
-        ids, gen.stop = dist.broadcast(ctx, job)
-        out = engine.generate(ids, **vars(gen))
-        stages = dist.gather(ctx, stage_summary(engine))
+        job = start_job(args, engine, gen, requests) if ctx.first else {}
+        # synthetic prompts (no --prompts) are the job's own settings: a bad one ends the job
+        engine.generate_batch(job.get("requests"), bucket=args.bucket, strict=args.strict or not args.prompts, done=job.get("done", ()),
+                              on_records=job.get("write", lambda records: None), progress=False if args.quiet else None,
+                              model_name=args.model, created=job.get("created"), **vars(gen))
+        stages = dist.gather(ctx, stage_summary(engine, load_s))
         if ctx.first:
-            finish(args, engine, prompts, ids, out, stages)
+            if job["output"] is not None:
+                job["output"].finish()
+            finish(args, engine, stages)
     return 0
 
 
-def stage_summary(engine: Engine) -> dict:
+def start_job(args, engine: Engine, gen: GenerationConfig, requests) -> dict:
+    """Rank 0: the requests (synthetic ones without --prompts), the stop tokens, and the output
+    journal with what it already holds."""
+    if requests is None:
+        count = engine.micro_batches * engine.policy.block_size if args.num_prompts is None else args.num_prompts
+        requests = [Request(p.index, p) for p in synthetic_prompts(count, args.prompt_len, engine.spec.vocab_size, args.seed)]
+    gen.stop = stop_ids(args.stop, engine.tokenizer)
+    job = {"requests": requests, "output": None, "created": int(time.time())}
+    if args.output:
+        out = JobOutput(args.output, job_manifest(args, engine, gen, job["created"]))
+        done = out.start()
+        job.update(output=out, write=out.append, created=out.manifest["created"],
+                   done=range(len(requests)) if out.complete else set(done))
+        if done or out.complete:
+            print(f"resuming {args.output}: {len(requests) if out.complete else len(done)} of {len(requests)} "
+                  "requests already done", file=sys.stderr)
+    return job
+
+
+def job_manifest(args, engine: Engine, gen: GenerationConfig, created: int) -> dict:
+    """What makes a job's results reusable by a rerun (not: batch sizes, placement, ranks)."""
+    policy = engine.policy
+    source = {"file_sha256": file_digest(args.prompts)} if args.prompts else \
+        {"synthetic": [args.prompt_len, args.num_prompts, args.seed]}
+    return {"version": 1, "model": args.model, "weights": engine.weights_id, "dtype": engine.kernels["dtype"],
+            "compress_weight": policy.compress_weight and [policy.compress_bits, policy.compress_group_size],
+            "compress_cache": policy.compress_cache and [policy.compress_bits, policy.compress_group_size],
+            "generation": {**vars(gen)}, "tokenizer": args.tokenizer, "input": source, "created": created}
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stage_summary(engine: Engine, load_s: float) -> dict:
     return {"rank": engine.ctx.rank, "layers": list(engine.stage), "compute_s": engine.executor.timers.compute,
-            "comm_wait_s": engine.ring.idle, "io_wait_s": engine.executor.timers.io_wait,
+            "comm_wait_s": engine.ring.idle, "io_wait_s": engine.executor.timers.io_wait, "load_s": load_s,
             "peak_bytes": {t.value: engine.devices.usage[t].peak for t in Tier},
             "peak_rss_bytes": peak_rss_bytes()}
 
 
-def finish(args, engine: Engine, prompts, ids, out, stages: list[dict]) -> None:
-    """Rank 0: outputs in input order, the report, the metrics line."""
-    width = max(map(len, ids))
-    if args.output:
-        write_outputs(args.output, prompts, out[:, width:].tolist(), engine.last_stop, engine)
-    stats = engine.last_stats
+def finish(args, engine: Engine, stages: list[dict]) -> None:
+    """Rank 0: the report and the metrics line."""
+    stats, info = engine.last_stats, engine.last_batch
     print(report(stats))
     print(f"compute: {engine.devices.compute}, dtype {engine.kernels['dtype']} ({engine.kernels['dtype_reason']}), "
           f"linear layers: {engine.kernels['linear']}")
-    if len(stages) > 1:
-        wall = stats.prefill_time + stats.decode_time
-        for st in stages:
-            print(f"stage {st['rank']}: layers {st['layers'][0]}-{st['layers'][1] - 1}  compute {st['compute_s']:.2f} s"
-                  f"  waiting for input {st['comm_wait_s']:.2f} s ({st['comm_wait_s'] / max(wall, 1e-9):.0%})")
+    print(f"requests: {info.requests} ({info.skipped} already done, {info.errors} errors) in {info.blocks} blocks; "
+          f"padding {info.padding_unbucketed:.1%} in input order, {info.padding:.1%} as run; "
+          f"load {max(s['load_s'] for s in stages):.2f} s")
+    wall = stats.prefill_time + stats.decode_time
+    for st in stages:
+        peaks = ", ".join(f"{tier} {n / GiB:.3f}" for tier, n in st["peak_bytes"].items())
+        print(f"rank {st['rank']}: layers {st['layers'][0]}-{st['layers'][1] - 1}  load {st['load_s']:.2f} s  "
+              f"compute {st['compute_s']:.2f} s  waiting for input {st['comm_wait_s']:.2f} s "
+              f"({st['comm_wait_s'] / max(wall, 1e-9):.0%})  peak GiB: {peaks}, RSS {st['peak_rss_bytes'] / GiB:.3f}")
+    print(f"output: {os.path.abspath(args.output) if args.output else 'none (no --output)'}")
     if args.log_file:
+        width = info.max_prompt_len or args.prompt_len
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": args.model, "ranks": len(stages),
-                 **engine.kernels, "policy": engine.policy.describe(),
-                 "gen_len": args.max_new_tokens, "prompt_len": width, **stats.as_dict(), "stages": stages,
+                 **engine.kernels, "policy": engine.policy.describe(), "gen_len": args.max_new_tokens,
+                 "prompt_len": width, **stats.as_dict(), "batch": vars(info), "output": args.output,
+                 "stages": stages,
                  "predicted_bytes": {t.value: n for t, n in predicted_bytes(engine, width, args.max_new_tokens).items()}}
         append_line(args.log_file, json.dumps(entry))
 
@@ -145,23 +190,6 @@ def predicted_bytes(engine: Engine, prompt_len: int, max_new_tokens: int) -> dic
     """What the memory check expected this rank to hold, per tier (with the check's slack)."""
     plan = engine.memory_plan(prompt_len, max_new_tokens)
     return {t: int(plan.total(t) * (MARGIN if t is not Tier.DISK else 1)) for t in Tier}
-
-
-def write_outputs(path: str, prompts, rows: list[list[int]], stop: list[int], engine: Engine) -> None:
-    tokenizer = engine.tokenizer
-
-    def records():
-        for prompt, row in zip(prompts, rows):
-            ids = row[:generated_length(row, stop)]
-            record = {"index": prompt.index, "output_ids": ids}
-            if prompt.text is not None:
-                record["prompt"] = prompt.text
-            if prompt.messages is not None:
-                record["messages"] = prompt.messages
-            if tokenizer is not None:
-                record["text"] = tokenizer.decode(ids, skip_special_tokens=True)
-            yield json.dumps(record)
-    write_atomically(path, records())
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,11 +1,30 @@
 """Next-token choice: greedy, or temperature + top-p sampling with one generator per sequence,
-so a seeded run gives the same tokens whatever the batching; stop tokens and where output ends."""
+so a seeded run gives the same tokens whatever the batching; stop tokens and where output ends.
+
+Every row of a block carries its own `RowParams` (a batch job's requests differ in length, stop
+tokens, temperature, top-p and seed); `generate` gives every row the same ones."""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
-from .config import GenerationConfig
 from .errors import FlexGenError
+
+
+@dataclass
+class RowParams:
+    """How one sequence is generated. Invariant: a row is finished after `max_tokens` tokens, or
+    once it chose a token in `stop` or its tokens end with a sequence in `stop_sequences`."""
+
+    max_tokens: int
+    stop: list[int] = field(default_factory=list)
+    stop_sequences: list[list[int]] = field(default_factory=list)  # multi-token stops (stop strings)
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    key: int = 0  # the generator's key: the prompt's index in the input, whatever block it runs in
 
 
 def sequence_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
@@ -34,45 +53,74 @@ def choose_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top
 
 
 class TokenChooser:
-    """The last rank's sampling state for one block: generators, stop tracking, forced tokens."""
+    """The last rank's sampling state for one block of `micro` micro-batches of `rows` rows:
+    generators, which rows are finished, forced tokens. `params` has one entry per row."""
 
-    def __init__(self, config: GenerationConfig, pad: int, b0: int, rows: int, micro: int, forced,
+    def __init__(self, params: list[RowParams], pad: int, rows: int, micro: int, forced=None,
                  keep_logits: bool = False, rank: int = 0):
-        self.config, self.pad, self.rows, self.forced = config, pad, rows, forced
+        self.params, self.pad, self.rows, self.forced = params, pad, rows, forced
         self.keep_logits, self.rank = keep_logits, rank
-        self.generators = [sequence_generators(config.seed, list(range(b0 + t * rows, b0 + (t + 1) * rows)))
-                           if config.do_sample else None for t in range(micro)]
-        self.stopped = [torch.zeros(rows, dtype=torch.bool) for _ in range(micro)]
-        self.stop = torch.tensor(config.stop, dtype=torch.long)
+        self.generators = {r: sequence_generators(p.seed, [p.key])[0] for r, p in enumerate(params) if p.do_sample}
+        self.finished = torch.zeros(rows * micro, dtype=torch.bool)
+        self.history: list[list[int]] = [[] for _ in params]  # kept only for rows with stop sequences
         self.logits: list[list[torch.Tensor]] = [[] for _ in range(micro)]
+        # rows sampled alike are sampled together (one softmax for the group)
+        self.groups: dict[tuple, list[int]] = {}
+        for r, p in enumerate(params):
+            if p.do_sample:
+                self.groups.setdefault((p.temperature, p.top_p), []).append(r)
 
     def choose(self, logits: torch.Tensor, t: int, step: int) -> torch.Tensor:
-        """Token ids (rows,) on the host. Logits stay where they are computed unless sampling or
-        `keep_logits` needs them on the host in float32."""
+        """Token ids (rows,) on the host for micro-batch `t`. Logits stay where they are computed
+        unless sampling or `keep_logits` needs them on the host in float32."""
         if not bool(torch.isfinite(logits).all()):
             raise FlexGenError(f"non-finite logits (NaN or inf) at token step {step} on rank {self.rank}: the "
                                "weights are damaged or overflow this dtype (try --dtype float32)")
         if self.keep_logits:
             self.logits[t].append(logits.float().cpu())
-        c = self.config
+        lo = t * self.rows
         if self.forced is not None:
-            chosen = self.forced[t * self.rows:(t + 1) * self.rows, step]
-        elif c.do_sample:
-            chosen = choose_tokens(logits.float().cpu(), True, c.temperature, c.top_p, self.generators[t])
+            chosen = self.forced[lo:lo + self.rows, step].clone()
         else:
-            chosen = logits.argmax(dim=-1).cpu()
-        chosen = chosen.masked_fill(self.stopped[t], self.pad)
-        self.stopped[t] |= torch.isin(chosen, self.stop)
+            chosen = self._pick(logits, lo)
+        done = self.finished[lo:lo + self.rows]
+        chosen = chosen.masked_fill(done, self.pad)
+        self._mark_finished(chosen, lo, step)
         return chosen
 
-    def all_stopped(self) -> bool:
-        return all(bool(s.all()) for s in self.stopped)
+    def _pick(self, logits: torch.Tensor, lo: int) -> torch.Tensor:
+        chosen = logits.argmax(dim=-1).cpu()  # greedy on the device: no host copy of the vocabulary
+        for (temperature, top_p), members in self.groups.items():
+            local = [r - lo for r in members if lo <= r < lo + self.rows]
+            if local:
+                picks = choose_tokens(logits[local].float().cpu(), True, temperature, top_p,
+                                      [self.generators[lo + r] for r in local])
+                chosen[local] = picks.cpu()
+        return chosen
+
+    def _mark_finished(self, chosen: torch.Tensor, lo: int, step: int) -> None:
+        for r in range(self.rows):
+            row = lo + r
+            if self.finished[row]:
+                continue
+            p, token = self.params[row], int(chosen[r])
+            if p.stop_sequences:
+                self.history[row].append(token)
+            if token in p.stop or step + 1 >= p.max_tokens or ends_with_any(self.history[row], p.stop_sequences):
+                self.finished[row] = True
+
+    def all_finished(self) -> bool:
+        return bool(self.finished.all())
 
 
-def generated_length(tokens: list[int], stop: list[int]) -> int:
-    """Tokens really generated: up to and including the first stop token."""
+def ends_with_any(tokens: list[int], sequences: list[list[int]]) -> bool:
+    return any(seq and tokens[-len(seq):] == seq for seq in sequences)
+
+
+def generated_length(tokens: list[int], stop: list[int], stop_sequences: list[list[int]] = ()) -> int:
+    """Tokens really generated: up to and including the first stop token or stop sequence."""
     for i, t in enumerate(tokens):
-        if t in stop:
+        if t in stop or (stop_sequences and ends_with_any(tokens[:i + 1], stop_sequences)):
             return i + 1
     return len(tokens)
 

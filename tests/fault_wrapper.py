@@ -2,13 +2,16 @@
 
 FLEXGEN_TEST_FAULT="RANK:CALL:KIND" makes rank RANK, on its CALL-th stage step, either raise
 (KIND=raise) or kill itself with SIGKILL (KIND=kill), as a crashed or OOM-killed process would;
-KIND=start makes it fail while building its stage, as with missing weights."""
+KIND=start makes it fail while building its stage, as with missing weights. For the resume tests:
+KIND=loadkill SIGKILLs it while building its stage, KIND=writekill on its CALL-th write of finished
+rows to the output journal, after half of the bytes are written (a torn line)."""
 import os
 import signal
 import sys
 
 from flexgen_dist import FlexGenError, dist
 from flexgen_dist.executor import LocalExecutor
+from flexgen_dist.outputs import JobOutput
 from flexgen_dist.run import main
 from flexgen_dist.workdir import exit_cleanly_on_signals
 
@@ -27,8 +30,24 @@ def inject(rank: int, call: int, kind: str) -> None:
     def cannot_start(self, *args, **kwargs):
         raise FlexGenError("injected start failure")
 
+    def write_half_and_die(self, data: bytes):
+        writes[0] += 1
+        if writes[0] == call:
+            os.write(self.fd, data[:len(data) // 2])
+            os.fsync(self.fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original_write(self, data)
+
+    def die_loading(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    original_write, writes = JobOutput._write, [0]
     if dist.detect().rank == rank:
-        if kind == "start":
+        if kind == "writekill":
+            JobOutput._write = write_half_and_die
+        elif kind == "loadkill":
+            LocalExecutor.__init__ = die_loading
+        elif kind == "start":
             LocalExecutor.__init__ = cannot_start
         else:
             LocalExecutor.forward_step = forward_step

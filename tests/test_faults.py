@@ -110,7 +110,10 @@ def test_a_failed_run_keeps_the_old_output_whole(tmp_path, capsys):
                  "--dtype", "float32", "--output", str(out)]) == 2
     assert "non-finite logits" in capsys.readouterr().err
     assert out.read_text() == '{"index": 0, "output_ids": [1, 2, 3]}\n'
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan", "off", "out.jsonl"]  # no temporary file left
+    # no temporary file left; the job's manifest and (empty) journal stay, so a rerun resumes it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan", "off", "out.jsonl", "out.jsonl.manifest.json",
+                                                          "out.jsonl.partial"]
+    assert (tmp_path / "out.jsonl.partial").read_text() == ""
 
 
 def long_job(ckpt: str, offload: Path, gen_len: int = 60, extra=()) -> subprocess.Popen:
