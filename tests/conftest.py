@@ -3,6 +3,7 @@ built in-process (no network), plus transformers' own float32 generate as the re
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -110,3 +111,5 @@ def pytest_sessionfinish(session, exitstatus):
     if left:
         print(f"\nleft behind by the suite: {len(left)} KV/activation files, e.g. {left[0]}")
         session.exitstatus = 1
+    if session.exitstatus == 0:  # a passing suite leaves its temp dir empty (converted models are ~1 GB)
+        shutil.rmtree(base, ignore_errors=True)

@@ -203,8 +203,9 @@ def test_kill9_three_rank_pipeline_then_resume(crash_job, tmp_path):
     ckpt, prompts, reference = crash_job
     out = tmp_path / "out.jsonl"
     args = job_args(ckpt, prompts, out, tmp_path / "off-{rank}", gbs=1)
-    # rank 1 mid-decode of block 2 (3 rows of block 1 kept); rank 0 writing its second block (a torn line)
-    for fault, rows in [("1:14:kill", 3), ("0:2:writekill", 6)]:
+    # rank 2 while loading; rank 1 in its first prefill; rank 1 mid-decode of block 2 (3 rows of
+    # block 1 kept); rank 0 writing its second block (a torn line)
+    for fault, rows in [("2:1:loadkill", 0), ("1:1:kill", 0), ("1:14:kill", 3), ("0:2:writekill", 6)]:
         done = faulty(fault, args, ranks=3)
         assert done.returncode != 0, done.stdout + done.stderr
         assert rows <= len(journal_ids(out)) < 8, (fault, journal_ids(out), done.stderr[-2000:])

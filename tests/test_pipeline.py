@@ -73,13 +73,18 @@ RUNS = [
 UNEVEN = {2: [1, 5], 3: [1, 3, 2], 4: [2, 1, 1, 2]}
 
 
+_SINGLE_RANK: dict = {}  # (checkpoint, run) -> tokens: every rank count compares with the same run
+
+
 def single_rank(path, run, tmp_path, stop):
-    policy = Policy.from_percent(run["percent"], **run["policy"])
-    engine = Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path / uuid.uuid4().hex, dtype="float32")
-    try:
-        return engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, **{**run.get("generate", {}), **stop})
-    finally:
-        engine.close()
+    key = (path, json.dumps(run, sort_keys=True), json.dumps(stop, sort_keys=True))
+    if key not in _SINGLE_RANK:
+        policy = Policy.from_percent(run["percent"], **run["policy"])
+        with Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path / uuid.uuid4().hex,
+                                    dtype="float32") as engine:
+            _SINGLE_RANK[key] = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS,
+                                                **{**run.get("generate", {}), **stop})
+    return _SINGLE_RANK[key]
 
 
 @needs_mpi
@@ -87,6 +92,8 @@ def single_rank(path, run, tmp_path, stop):
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4])
 def test_every_rank_count_matches_single_rank_and_transformers(six_layers, ranks, tmp_path):
     path, model = six_layers
+    if "post_ln" in path and ranks in (1, 4):
+        pytest.skip("the post-LN layout runs on 2 and 3 ranks; 1-4 ranks are covered with pre-LN")
     expected_greedy, _ = reference_generate(model, PROMPTS, NEW_TOKENS)
     width = max(map(len, PROMPTS))
     stop = {"stop": int(expected_greedy[0, width + 2])}

@@ -178,7 +178,8 @@ def as_nobody(*command) -> None:
 def shared_offload():
     """An offload dir whose `weights` is world-writable with the sticky bit, like /tmp: what an
     offload dir shared on purpose (or left open) looks like to another local user."""
-    root = Path(tempfile.mkdtemp(prefix="flexgen-shared-"))
+    # under /tmp itself: a private TMPDIR (mode 0700) would keep the other user out of the path
+    root = Path(tempfile.mkdtemp(prefix="flexgen-shared-", dir="/tmp"))
     try:
         root.chmod(0o755)
         (root / "weights").mkdir(mode=0o777)
