@@ -19,11 +19,12 @@ import shutil
 import signal
 import sys
 import threading
+import time
 
 OWNER = "owner"
 _live: dict[str, int] = {}  # this process's work dirs -> their lock file descriptors
 _partial: set[str] = set()  # files being written now (a store tensor, an output), removed if we die
-_lock = threading.Lock()
+_lock = threading.RLock()  # reentrant: a signal handler may run while the main thread holds it
 EXIT_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
@@ -87,10 +88,21 @@ def _looks_dead(path: str) -> bool:
 
 
 def remove_work_dir(path: str) -> None:
-    """Remove one of this process's work dirs and release its lock."""
+    """Remove one of this process's work dirs and release its lock. On a signal another thread
+    may still be writing into it: the dir is first renamed away, so no new file can appear under
+    its name, then removed, again until nothing is left (a file created mid-way is caught)."""
     with _lock:
         fd = _live.pop(path, None)
-    shutil.rmtree(path, ignore_errors=True)
+    doomed = f"{path}.removing"
+    try:
+        os.rename(path, doomed)
+    except OSError:
+        doomed = path
+    for _ in range(100):
+        shutil.rmtree(doomed, ignore_errors=True)
+        if not os.path.lexists(doomed):
+            break
+        time.sleep(0.01)
     if fd is not None:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -125,18 +137,32 @@ def remove_all() -> None:
 
 def exit_cleanly_on_signals() -> None:
     """SIGINT, SIGTERM and SIGHUP end the process after removing its temporary files, even while
-    the main thread is blocked in a long native call (a collective, a disk read): the signals are
-    blocked in this thread (and so in every thread it starts) and taken by one thread of their
-    own. A thread that already existed may still receive one; the Python handler then does the
-    same from the main thread. Call it early, before the work starts threads."""
-    signals = set(EXIT_SIGNALS)
-    for sig in signals:
-        signal.signal(sig, lambda number, frame: _stop(number))
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    threading.Thread(target=lambda: _stop(signal.sigwait(signals)), name="flexgen-signals", daemon=True).start()
+    the main thread is blocked in a long native call (a collective, a disk read), where a Python
+    signal handler would not run until the call returns (and a launcher escalates to SIGKILL):
+    CPython's C-level handler writes each signal's number to a wakeup pipe, in whatever thread
+    the kernel delivered it to, and a thread of our own reading that pipe acts at once. Call it
+    from the main thread."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    for sig in EXIT_SIGNALS:
+        signal.signal(sig, lambda number, frame: _stop(number))  # also the main thread's own path
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+    def watch():
+        while True:
+            for number in os.read(read_end, 64):
+                if number in EXIT_SIGNALS:
+                    _stop(number)
+    threading.Thread(target=watch, name="flexgen-signals", daemon=True).start()
+
+
+_stopping = threading.Lock()
 
 
 def _stop(number: int) -> None:
+    """Clean up and exit. A signal may reach both the Python handler and the pipe reader: the
+    first caller does the work, a second one waits for the exit (it must not exit halfway)."""
+    _stopping.acquire()
     print(f"{signal.Signals(number).name}: stopped; temporary files removed", file=sys.stderr, flush=True)
     remove_all()
     os._exit(EXIT_SIGNALS[number])
