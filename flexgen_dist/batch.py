@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
 from tqdm import tqdm
 
 from . import dist

@@ -19,7 +19,9 @@ class Prompt:
     messages: list[dict] | None = None  # chat turns ({role, content}), formatted by the tokenizer's template
 
 
-def read_prompts(path: str) -> list[Prompt]:
+def prompt_lines(path: str) -> tuple[list[tuple[int, str]], bool]:
+    """The non-empty lines of a prompts file with their line numbers, and whether it is JSONL
+    (a .jsonl name, or a first line that opens an object)."""
     if not os.path.isfile(path):
         raise FlexGenError(f"prompts file {path} does not exist")
     with open(path, "rb") as f:
@@ -27,7 +29,12 @@ def read_prompts(path: str) -> list[Prompt]:
     filled = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
     if not filled:
         raise FlexGenError(f"prompts file {path} has no prompts")
-    if path.endswith(".jsonl") or filled[0][1].lstrip().startswith("{"):
+    return filled, path.endswith(".jsonl") or filled[0][1].lstrip().startswith("{")
+
+
+def read_prompts(path: str) -> list[Prompt]:
+    filled, jsonl = prompt_lines(path)
+    if jsonl:
         return [_jsonl_prompt(path, n, line, i) for i, (n, line) in enumerate(filled)]
     return [Prompt(i, text=line) for i, (_, line) in enumerate(filled)]
 

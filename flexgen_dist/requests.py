@@ -8,11 +8,10 @@ with the file itself (not UTF-8, not JSON, no prompt at all in a simple line) en
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
 from .errors import FlexGenError
-from .prompts import Prompt, _checked_messages, _lines, prompt_from_object
+from .prompts import Prompt, _checked_messages, prompt_from_object, prompt_lines
 
 URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 PARAMS = ("max_tokens", "temperature", "top_p", "stop", "seed")
@@ -53,14 +52,8 @@ class Request:
 
 def read_requests(path: str) -> list[Request]:
     """Every non-empty line of `path` as a request, in order."""
-    if not os.path.isfile(path):
-        raise FlexGenError(f"prompts file {path} does not exist")
-    with open(path, "rb") as f:
-        lines = _lines(path, f.read())
-    filled = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
-    if not filled:
-        raise FlexGenError(f"prompts file {path} has no prompts")
-    if not (path.endswith(".jsonl") or filled[0][1].lstrip().startswith("{")):
+    filled, jsonl = prompt_lines(path)
+    if not jsonl:
         return [Request(i, Prompt(i, text=line)) for i, (_, line) in enumerate(filled)]
     return [parse_line(path, n, line, i) for i, (n, line) in enumerate(filled)]
 
