@@ -3,7 +3,6 @@ with q/k/v biases; Qwen3 with q/k norm): greedy tokens identical to transformers
 and logits within atol = rtol = 1e-4, on the OPT placement matrix, with lossless-grid compression,
 and on 1-4 pipeline ranks; the GQA KV cache holds kv_heads/heads of MHA's bytes on every tier."""
 import json
-import os
 import re
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from conftest import PROMPTS, run_cli
 from llama_checkpoints import EOS, VARIANTS, make_llama_checkpoint, reference_generate
 from test_equivalence import PLACEMENTS
-from test_pipeline import MPIRUN, mpirun
+from test_pipeline import MPIRUN, run_pipeline_job
 
 from flexgen_dist import Engine, Policy
 from flexgen_dist.compression import CompressionConfig, fake_quantize
@@ -243,12 +242,7 @@ def test_pipeline_ranks_match_single_rank_and_transformers(four_layers, ranks, t
     expected, _ = reference_generate(model, PROMPTS, NEW_TOKENS)
     runs = [{**{k: v for k, v in run.items() if k != "uneven"},
              **({"stage_layers": UNEVEN[ranks]} if run.get("uneven") and ranks > 1 else {})} for run in PIPELINE_RUNS]
-    job = {"model": path, "prompts": PROMPTS, "new_tokens": NEW_TOKENS, "runs": runs,
-           "offload": str(tmp_path / "off"), "output": str(tmp_path / "out.json")}
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    done = mpirun(ranks, [os.path.join(os.path.dirname(__file__), "pipeline_job.py"), tmp_path / "job.json"])
-    assert done.returncode == 0, done.stdout + done.stderr
-    results = json.loads((tmp_path / "out.json").read_text())
+    results = run_pipeline_job(path, runs, ranks, tmp_path, NEW_TOKENS)
     for run, got in zip(runs, results):
         if run["policy"].get("compress_weight"):
             single = run_engine(path, tmp_path / "single", run["percent"], **run["policy"])[0]

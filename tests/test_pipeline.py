@@ -87,6 +87,16 @@ def single_rank(path, run, tmp_path, stop):
     return _SINGLE_RANK[key]
 
 
+def run_pipeline_job(path: str, runs: list[dict], ranks: int, tmp_path, new_tokens: int = NEW_TOKENS) -> list:
+    """Every run of `runs` in one mpirun launch of tests/pipeline_job.py: rank 0's token ids per run."""
+    job = {"model": path, "prompts": PROMPTS, "new_tokens": new_tokens, "runs": runs,
+           "offload": str(tmp_path / "off"), "output": str(tmp_path / "out.json")}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    done = mpirun(ranks, [os.path.join(os.path.dirname(__file__), "pipeline_job.py"), tmp_path / "job.json"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads((tmp_path / "out.json").read_text())
+
+
 @needs_mpi
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4])
@@ -105,12 +115,7 @@ def test_every_rank_count_matches_single_rank_and_transformers(six_layers, ranks
         if run.pop("uneven", False) and ranks > 1:
             run["stage_layers"] = UNEVEN[ranks]
         runs.append(run)
-    job = {"model": path, "prompts": PROMPTS, "new_tokens": NEW_TOKENS, "runs": runs,
-           "offload": str(tmp_path / "off"), "output": str(tmp_path / "out.json")}
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    done = mpirun(ranks, [os.path.join(os.path.dirname(__file__), "pipeline_job.py"), tmp_path / "job.json"])
-    assert done.returncode == 0, done.stdout + done.stderr
-    results = json.loads((tmp_path / "out.json").read_text())
+    results = run_pipeline_job(path, runs, ranks, tmp_path)
     for run, got in zip(runs, results):
         expected = single_rank(path, run, tmp_path, {})
         assert torch.equal(torch.tensor(got), expected), run
