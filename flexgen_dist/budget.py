@@ -198,8 +198,13 @@ def _refuse_if(need: float, have: int, what: str, plan: Plan, tiers, source: str
 
 def check_disk(plan: Plan, directory: str, what: str) -> None:
     """Refuse, in one line, disk-homed bytes that the filesystem of `directory` cannot take."""
-    need, free = plan.total(Tier.DISK), shutil.disk_usage(directory).free
+    require_disk_space(plan.total(Tier.DISK), directory, what, "or keep more in memory (--percent)")
+
+
+def require_disk_space(need: int, directory: str, what: str, also: str = "") -> None:
+    """Refuse, in one line naming both numbers, `need` bytes that `directory`'s filesystem lacks."""
+    free = shutil.disk_usage(directory).free
     if need > free:
         raise FlexGenError(f"not enough disk space in {directory} for {what}: needs {need / 1e9:.2f} GB, "
-                           f"{free / 1e9:.2f} GB free; free some space, use --offload-dir on a larger disk, "
-                           "or keep more in memory (--percent)")
+                           f"{free / 1e9:.2f} GB free; free some space, use --offload-dir on a larger disk"
+                           + (f", {also}" if also else ""))

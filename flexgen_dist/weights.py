@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from .budget import require_disk_space
 from .compression import CompressedTensor, CompressionConfig, compressed_parts, quantize
 from .memory import DamagedFile, StoreError, nbytes, padded, read_file, write_file
 from .models import ModelError, ModelSpec, builtin_spec, family_of, spec_from_dir
@@ -318,12 +319,7 @@ class TensorStore:
         return [padded(n) for n in compressed_parts(spec.shape, self.dtype, self.compression)]
 
     def _check_free_space(self, missing: list[WeightSpec]) -> None:
-        need = sum(sum(self.file_sizes(s)) for s in missing)
-        free = shutil.disk_usage(self.root).free
-        if need > free:
-            raise StoreError(f"not enough disk space in {self.root}: converting the weight store needs "
-                             f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB free; free some space or use "
-                             "--offload-dir on a larger disk")
+        require_disk_space(sum(sum(self.file_sizes(s)) for s in missing), self.root, "converting the weight store")
 
     def _convert(self, spec: WeightSpec, t: torch.Tensor) -> dict:
         """Write one tensor's files; its manifest entry records their XXH3 checksums."""
