@@ -53,7 +53,7 @@ class Plan:
 
 
 def _elem(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is_compute: bool) -> Plan:

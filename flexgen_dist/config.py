@@ -110,6 +110,30 @@ class JobConfig:
     """Tracebacks from every rank."""
 
 
+@dataclass(kw_only=True)
+class PlannerConfig:
+    """How the placement is chosen: by the planner from a hardware profile, or as given."""
+
+    policy: Literal["auto", "manual"] | None = None
+    """auto: the planner chooses placement, batch sizes, dtype and (with ranks) stages and
+    micro-batches, for these prompt and generation lengths; manual: the policy flags as given
+    (default: auto unless --percent is given)."""
+    gpu_mem: float | None = None
+    """GiB of GPU memory a rank may plan for (default: what is free)."""
+    cpu_mem: float | None = None
+    """GiB of host memory this process may use in all (default: what the machine and its memory
+    cgroup leave)."""
+    disk_mem: float | None = None
+    """GiB of disk the offload dir may take (default: its free space)."""
+    rank_mem: list[float] | None = None
+    """--cpu-mem for each rank of a pipeline, e.g. 2.5,6 (ranks on unequal machines)."""
+    auto_compress: bool = False
+    """Let the planner store weights and KV cache in 4 bits where that is faster (lossy: see the
+    accuracy table in benchmark/RESULTS.md)."""
+    reprofile: bool = False
+    """Measure this machine again instead of using its cached hardware profile."""
+
+
 def make(cls, values: dict, what: str):
     """`cls(**values)`, with an unknown name reported in one line."""
     names = {f.name for f in dataclasses.fields(cls)}

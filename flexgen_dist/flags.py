@@ -46,6 +46,13 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in str(text).split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _unwrap_optional(tp):
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
@@ -63,6 +70,8 @@ def _flag_options(tp, default) -> dict:
         choices = list(typing.get_args(tp))
         return dict(type=type(choices[0]), choices=choices)
     if origin is list:
+        if typing.get_args(tp) == (float,):
+            return dict(type=float_list, metavar="X,X,...")
         return dict(type=int_list, metavar="N,N,...")
     return dict(type=tp)
 

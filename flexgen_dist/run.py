@@ -10,9 +10,9 @@ import sys
 import time
 import traceback
 
-from . import dist
+from . import dist, plan as autoplan
 from .budget import MARGIN
-from .config import EngineConfig, GenerationConfig, JobConfig, field_docs, pick
+from .config import EngineConfig, GenerationConfig, JobConfig, PlannerConfig, field_docs, pick
 from .dist import DistContext
 from .errors import FlexGenError
 from .flags import DefaultsHelpFormatter, OneLineErrorParser, add_fields, check_config_keys, config_defaults
@@ -39,9 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(p, JobConfig, title="job")
     add_fields(p, EngineConfig, title="engine")
     policy = add_fields(p, Policy, skip=POLICY_PERCENTS, title="policy")
-    policy.add_argument("--percent", nargs="+", type=float, default=list(Policy().percent), metavar="P",
+    policy.add_argument("--percent", nargs="+", type=float, default=None, metavar="P",
                         help="W_GPU W_CPU CACHE_GPU CACHE_CPU ACT_GPU ACT_CPU: percents of weights, KV cache and "
-                        "activations on the compute device and in host memory; the rest of each pair on disk")
+                        "activations on the compute device and in host memory; the rest of each pair on disk "
+                        "(given: the policy is manual; without --policy auto, 100 0 100 0 100 0)")
+    add_fields(p, PlannerConfig, title="planner")
     generation = add_fields(p, GenerationConfig, skip=("stop", "seed"), title="generation")
     generation.add_argument("--stop", action="append", default=[], metavar="ID_OR_TEXT",
                             help=field_docs(GenerationConfig)["stop"])
@@ -49,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def policy_from_args(args) -> Policy:
-    return Policy.from_percent(args.percent, **{k: v for k, v in pick(Policy, args).items()
-                                                if k not in POLICY_PERCENTS}).validate()
+    return Policy.from_percent(args.percent or Policy().percent, **{k: v for k, v in pick(Policy, args).items()
+                                                                    if k not in POLICY_PERCENTS}).validate()
 
 
 def stop_ids(values: list[str], tokenizer) -> list[int]:
@@ -97,6 +99,12 @@ def run(args, ctx: DistContext) -> int:
     ctx = dist.init(ctx, engine_config.comm_device, engine_config.comm_timeout)
     dist.watch_for_failures(ctx)
     engine_config.offload_dir = engine_config.offload_dir.format(rank=ctx.rank, local_rank=ctx.local_rank)
+    planned = autoplan.plan_run(args, ctx, policy, engine_config, requests)
+    if planned.auto:
+        policy = planned.decision.policies[ctx.rank]
+        engine_config.stage_layers = planned.decision.stage_layers
+        engine_config.micro_batches = planned.decision.micro_batches
+        engine_config.dtype = planned.decision.dtype
     t0 = time.perf_counter()
     with Engine.from_pretrained(args.model, policy=policy, config=engine_config, dist=ctx) as engine:
         load_s = time.perf_counter() - t0
@@ -111,7 +119,7 @@ def run(args, ctx: DistContext) -> int:
         if ctx.first:
             if job["output"] is not None:
                 job["output"].finish()
-            finish(args, engine, stages)
+            finish(args, engine, stages, autoplan.compare(planned, engine, stages))
     return 0
 
 
@@ -160,10 +168,12 @@ def stage_summary(engine: Engine, load_s: float) -> dict:
             "peak_rss_bytes": peak_rss_bytes()}
 
 
-def finish(args, engine: Engine, stages: list[dict]) -> None:
+def finish(args, engine: Engine, stages: list[dict], prediction: dict) -> None:
     """Rank 0: the report and the metrics line."""
     stats, info = engine.last_stats, engine.last_batch
     print(report(stats))
+    for line in prediction.get("lines", []):
+        print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
     print(f"compute: {engine.devices.compute}, dtype {engine.kernels['dtype']} ({engine.kernels['dtype_reason']}), "
           f"linear layers: {engine.kernels['linear']}")
     print(f"requests: {info.requests} ({info.skipped} already done, {info.errors} errors) in {info.blocks} blocks; "
@@ -181,7 +191,7 @@ def finish(args, engine: Engine, stages: list[dict]) -> None:
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": args.model, "ranks": len(stages),
                  **engine.kernels, "policy": engine.policy.describe(), "gen_len": args.max_new_tokens,
                  "prompt_len": width, **stats.as_dict(), "batch": vars(info), "output": args.output,
-                 "stages": stages,
+                 "stages": stages, "plan": {k: v for k, v in prediction.items() if k != "lines"},
                  "predicted_bytes": {t.value: n for t, n in predicted_bytes(engine, width, args.max_new_tokens).items()}}
         append_line(args.log_file, json.dumps(entry))
 
@@ -193,12 +203,24 @@ def predicted_bytes(engine: Engine, prompt_len: int, max_new_tokens: int) -> dic
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, with `given`: the names set on the command line or in the --config file (what
+    the planner must leave as the user chose it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from_file = {}
     if args.config:
-        parser.set_defaults(**load_config(args.config, parser))
+        from_file = load_config(args.config, parser)
+        parser.set_defaults(**from_file)
         args = parser.parse_args(argv)
+    args.given = set(from_file) | given_on_command_line(argv)
     return args
+
+
+def given_on_command_line(argv) -> set[str]:
+    bare = build_parser()
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(bare.parse_args(argv)))
 
 
 def load_config(path: str, parser: argparse.ArgumentParser) -> dict:

@@ -92,6 +92,13 @@ def kv_or_activation_files(root) -> list:
 
 
 @pytest.hookimpl(wrapper=True)
+@pytest.fixture(scope="session", autouse=True)
+def hardware_profiles(tmp_path_factory):
+    """One hardware-profile cache for the whole suite (and its child processes), not the user's."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
 def pytest_runtest_call(item):
     """Every test that used a temp dir leaves no KV-cache or activation file in it."""
     result = yield

@@ -1,0 +1,421 @@
+"""What this machine can do, measured once and cached: the numbers the cost model runs on.
+
+A profile is a JSON file per machine identity (CPU model and flags, cores this process may use,
+RAM, torch version, GPU) under `~/.cache/flexgen_dist/hardware/`; a changed identity or profile
+version is a different file, so it is measured afresh, as is any measurement not yet in the file
+(a new model's matmul shapes, a new disk). `reprofile=True` (`--reprofile`) measures everything
+again. Memory budgets are not part of the profile: they are what the machine and its cgroup allow
+now (see `budgets`), less a margin, unless given (`--gpu-mem`, `--cpu-mem`, `--disk-mem`).
+
+All rates are per second: FLOP/s for matmuls and prefill attention, bytes/s for the rest.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .budget import MARGIN, host_available
+from .compression import CompressionConfig, dequantize, quantize
+from .memory import aligned_empty, read_file, write_file
+from .models.attention import attend
+from .workdir import partial_file
+
+PROFILE_VERSION = 4
+MATMUL_ROWS = (1, 8, 32, 128, 512)  # rows of a product measured; others are interpolated
+MAX_FLOP_PER_CALL = 4e9  # bigger products are not timed beyond this size (the rate has saturated)
+DISK_PROBE_BYTES = 256 << 20
+GiB = 1 << 30
+
+
+def _best_time(fn: Callable[[], object], budget_s: float = 0.15, at_most: int = 20) -> float:
+    """The fastest of a few calls after a warm-up (the least disturbed by a busy machine)."""
+    fn()
+    best, spent, calls = float("inf"), 0.0, 0
+    while calls < 3 or (spent < budget_s and calls < at_most):
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best, spent, calls = min(best, dt), spent + dt, calls + 1
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(device: torch.device, fn: Callable[[], object]) -> float:
+    def call():
+        fn()
+        _sync(device)
+    return _best_time(call)
+
+
+def machine_identity(device: torch.device) -> dict:
+    """What makes two machines' measurements interchangeable."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+        flags = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("flags")), "")
+    except OSError:
+        model = platform.processor()
+    identity = {"cpu": model, "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:16],
+                "threads": torch.get_num_threads(), "ram": psutil.virtual_memory().total,
+                "torch": torch.__version__, "device": device.type}
+    if device.type == "cuda":
+        identity["gpu"] = torch.cuda.get_device_name(device)
+    return identity
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "flexgen_dist", "hardware")
+
+
+@dataclass
+class HardwareProfile:
+    """Measured rates, keyed by what was measured (see the `*_key` functions)."""
+
+    identity: dict
+    rates: dict[str, float] = field(default_factory=dict)
+    path: str | None = None
+    measured_s: float = 0.0  # time spent measuring in this process
+    _points: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # ----- lookups the cost model uses ---------------------------------------------------------
+    def matmul_s(self, dtype: torch.dtype, rows: int, k: int, n: int, packed: bool = False) -> float:
+        """Seconds for a (rows, k) x (k, n) product; `packed`: with the weight in the layout the
+        engine gives resident weights where the device has one (else the same as plain)."""
+        return 2.0 * rows * k * n / self.matmul_rate(dtype, rows, k, n, packed)
+
+    def matmul_rate(self, dtype: torch.dtype, rows: int, k: int, n: int, packed: bool = False) -> float:
+        """FLOP/s, interpolated between measured row counts; a profile written by hand may give one
+        rate for every shape as `matmul DTYPE any`."""
+        flat = self.rates.get(f"matmul {dtype_name(dtype)} any")
+        if flat is not None:
+            return flat
+        keys = [matmul_key(dtype, r, k, n, packed) for r in MATMUL_ROWS]
+        if packed and keys[0] not in self.rates:
+            keys = [matmul_key(dtype, r, k, n) for r in MATMUL_ROWS]
+        points = [(r, self.rates[key]) for r, key in zip(MATMUL_ROWS, keys) if key in self.rates]
+        if not points:
+            raise KeyError(f"no matmul measurement for {k}x{n} in {dtype}")
+        if rows <= points[0][0]:
+            return points[0][1] * rows / points[0][0]  # below the smallest: same time per call
+        for (r0, v0), (r1, v1) in zip(points, points[1:]):
+            if rows <= r1:
+                return v0 + (rows - r0) / (r1 - r0) * (v1 - v0)
+        return points[-1][1]
+
+    def rate(self, key: str) -> float:
+        return self.rates[key]
+
+    def layer_points(self, key: str) -> list[tuple[int, float]]:
+        """(size, seconds) of every measurement of the layer `key` names at any size, by size."""
+        packed = key.endswith(" packed")
+        prefix = key.removesuffix(" packed").rsplit(" ", 1)[0] + " "
+        if (prefix, packed) not in self._points:
+            found = []
+            for k, v in self.rates.items():
+                if k.startswith(prefix) and k.endswith(" packed") == packed:
+                    found.append((int(k.removesuffix(" packed").rsplit(" ", 1)[1]), v))
+            self._points[(prefix, packed)] = sorted(found)
+        return self._points[(prefix, packed)]
+
+    # ----- measuring ---------------------------------------------------------------------------
+    def ensure(self, key: str, measure: Callable[[], float]) -> float:
+        if key not in self.rates:
+            t0 = time.perf_counter()
+            self.rates[key] = float(measure())
+            self.measured_s += time.perf_counter() - t0
+            self._points.clear()
+        return self.rates[key]
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        body = json.dumps({"version": PROFILE_VERSION, "identity": self.identity, "rates": self.rates},
+                          indent=1, sort_keys=True)
+        with partial_file(self.path + ".new"), open(self.path + ".new", "w") as f:
+            f.write(body)
+        os.replace(self.path + ".new", self.path)
+
+
+def matmul_key(dtype: torch.dtype, rows: int, k: int, n: int, packed: bool = False) -> str:
+    return f"matmul {dtype_name(dtype)} {rows}x{k}x{n}" + (" packed" if packed else "")
+
+
+@functools.lru_cache(maxsize=None)
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).split(".")[-1]
+
+
+def load_profile(device: torch.device, cache_dir: str | None = None, reprofile: bool = False) -> HardwareProfile:
+    """This machine's cached profile (empty where nothing is cached yet, or with `reprofile`)."""
+    identity = machine_identity(device)
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir or default_cache_dir(), f"{digest}.json")
+    profile = HardwareProfile(identity, path=path)
+    if reprofile:
+        return profile
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("version") == PROFILE_VERSION and data.get("identity") == identity:
+            profile.rates = {k: float(v) for k, v in data["rates"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # unreadable or damaged: measure again
+    return profile
+
+
+# ----- the measurements ----------------------------------------------------------------------
+def measure_matmuls(profile: HardwareProfile, device: torch.device, dtype: torch.dtype,
+                    shapes: set[tuple[int, int]]) -> None:
+    """FLOP/s of the engine's linear path for each (k, n) weight shape: plain, and packed where
+    the device packs resident weights."""
+    layouts = [False, True] if kernels.can_pack(device, dtype) else [False]
+    for k, n in sorted(shapes):
+        for packed in layouts:
+            missing = [r for r in MATMUL_ROWS if matmul_key(dtype, r, k, n, packed) not in profile.rates]
+            if not missing:
+                continue
+            w = torch.randn(n, k, device=device).to(dtype) * 0.02
+            weight = kernels.pack_linear_weight(w, 8) if packed else w
+            for rows in missing:
+                profile.ensure(matmul_key(dtype, rows, k, n, packed), lambda: _matmul_rate(device, dtype, weight, rows, k, n))
+
+
+def _matmul_rate(device: torch.device, dtype: torch.dtype, weight: torch.Tensor, rows: int, k: int, n: int) -> float:
+    measured = min(rows, max(1, int(MAX_FLOP_PER_CALL / (2 * k * n))))
+    x = torch.randn(measured, k, device=device).to(dtype)
+    return 2.0 * measured * k * n / _timed(device, lambda: kernels.linear(x, weight))
+
+
+def measure_attention(profile: HardwareProfile, device: torch.device, dtype: torch.dtype, heads: int,
+                      kv_heads: int, head_dim: int) -> None:
+    """Decode attention as bytes of KV read per second, prefill attention as FLOP/s."""
+    shape = f"{heads}/{kv_heads}x{head_dim}"
+
+    def decode() -> float:
+        b, t = 8, 512
+        q = torch.randn(b, heads, 1, head_dim, device=device).to(dtype)
+        bias = torch.zeros(b, 1, 1, t, device=device, dtype=dtype)
+        one = b * kv_heads * (t + CAPACITY_SLACK) * head_dim * dtype.itemsize
+        ks = [torch.zeros(b, kv_heads, t + CAPACITY_SLACK, head_dim, device=device, dtype=dtype)[:, :, :t]
+              for _ in range(_copies(2 * one, device))]  # read from memory, as a real run's caches are
+
+        def cycle():
+            for k in ks:
+                attend(q, k, k, bias)
+        return 2 * len(ks) * ks[0].numel() * dtype.itemsize / _timed(device, cycle)
+
+    def prefill() -> float:
+        b, s = 1, 256
+        q = torch.randn(b, heads, s, head_dim, device=device).to(dtype)
+        k = torch.randn(b, kv_heads, s, head_dim, device=device).to(dtype)
+        bias = torch.zeros(b, 1, s, s, device=device, dtype=dtype)
+        return 4.0 * b * heads * s * s * head_dim / _timed(device, lambda: attend(q, k, k, bias))
+
+    profile.ensure(f"attention decode {dtype_name(dtype)} {shape}", decode)
+    profile.ensure(f"attention prefill {dtype_name(dtype)} {shape}", prefill)
+
+
+DECODE_ROWS = (1, 8, 32, 128)  # rows of a measured decode step of one block layer
+DECODE_CONTEXT = 64  # tokens its attention reads (more are priced by the attention measurement)
+PREFILL_ROWS = (1, 4, 16)  # rows of PREFILL_TOKENS each in a measured prefill step
+PREFILL_TOKENS = 128
+MAX_LAYER_FLOP = 8e10
+CAPACITY_SLACK = 32  # KV buffer positions beyond the measured context, as in a real run
+STREAM_BYTES = 1 << 30  # weights a decode measurement streams through per cycle  # a prefill measurement stops growing past this size (its rate has saturated)
+
+
+def layer_key(dtype: torch.dtype, spec, kind: str, phase: str, tokens: int, packed: bool) -> str:
+    dims = f"{spec.family} {spec.hidden_size}/{spec.ffn_dim}/{spec.num_heads}/{spec.kv_heads}"
+    return f"layer {dtype_name(dtype)} {dims} {kind} {phase} {tokens}" + (" packed" if packed else "")
+
+
+def layer_kind(layer) -> str:
+    return "attention" if layer.has_cache else "mlp"
+
+
+def measure_layers(profile: HardwareProfile, device: torch.device, dtype: torch.dtype, spec, family) -> None:
+    """Seconds of one real block layer (attention, MLP) of this model: decode steps at a few row
+    counts, prefill steps at a few token counts, with weights plain and (where the device packs
+    resident weights) packed. Everything a layer does beyond its matmuls (norms, activations,
+    reshapes, dispatch) is in these numbers, which is why they are measured on the model's own
+    layers rather than summed from matmul rates."""
+    from .block import step_inputs
+    layouts = [False, True] if kernels.can_pack(device, dtype) else [False]
+    for layer in family.build_layers(spec, 0, 1, with_embed=False, with_head=False, sep_layer=True):
+        params = sum(torch.Size(w.shape).numel() for w in layer.weights)
+        for packed in layouts:
+            points = [("decode", rows, 1, DECODE_CONTEXT) for rows in DECODE_ROWS]
+            points += [("prefill", rows, PREFILL_TOKENS, PREFILL_TOKENS) for rows in PREFILL_ROWS
+                       if rows == 1 or 2 * params * rows * PREFILL_TOKENS <= MAX_LAYER_FLOP]
+            for phase, rows, new, context in points:
+                key = layer_key(dtype, spec, layer_kind(layer), phase, rows * new, packed)
+                kv = 2 * rows * layer.kv_heads * (context + CAPACITY_SLACK) * layer.head_dim if layer.has_cache else 0
+                copies = _copies((params + kv) * dtype.itemsize, device) if phase == "decode" else 1
+                profile.ensure(key, lambda: _time_layer(layer, spec, dtype, device, packed, rows, new, context, copies))
+
+
+def _copies(layer_bytes: int, device: torch.device) -> int:
+    """How many copies of a layer's weights a decode measurement cycles through: enough that
+    they do not stay in the CPU's last-level cache (hundreds of MB on servers), as the model's
+    many layers do not; bounded by a quarter of the memory there is."""
+    if device.type == "cuda":
+        return 1
+    room = min(STREAM_BYTES, host_available()[0] // 4)
+    return max(1, min(room // max(layer_bytes, 1), 64))
+
+
+def _time_layer(layer, spec, dtype, device, packed: bool, rows: int, new: int, context: int, copies: int) -> float:
+    from .block import step_inputs
+    inputs = step_inputs(torch.ones(rows, context, dtype=torch.bool), new, dtype, device)
+    x = torch.randn(rows, new, spec.hidden_size, device=device).to(dtype)
+    # the engine's buffers hold the whole generation: attention reads a slice, not all of it
+    caches = [(tuple(torch.zeros(rows, layer.kv_heads, context + CAPACITY_SLACK, layer.head_dim, dtype=dtype,
+                                 device=device) for _ in range(2)),) if layer.has_cache else () for _ in range(copies)]
+    # packed as the executor packs resident weights: for the batch's rows
+    sets = [{w.key: kernels.pack_linear_weight(t, rows) if packed and w.linear else t
+             for w, t in ((w, _random_weight(w, dtype, device)) for w in layer.weights)} for _ in range(copies)]
+
+    def cycle():
+        for weights, extra in zip(sets, caches):
+            layer.forward(weights, x, inputs, *extra)
+    return _timed(device, cycle) / copies
+
+
+def _random_weight(w, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Values do not change the speed; a constant is quick to make for a gigabyte of copies."""
+    return torch.full(w.shape, 1.0 if w.init == "ones" else 0.01, dtype=dtype, device=device)
+
+
+def measure_layer_overhead(profile: HardwareProfile, device: torch.device, dtype: torch.dtype, spec) -> None:
+    """Seconds of fixed cost of a small schedule layer (the embedding): a lookup and a few ops."""
+    def measure() -> float:
+        table = torch.randn(1024, spec.hidden_size, device=device).to(dtype)
+        ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+        return _timed(device, lambda: (F.embedding(ids, table) * 1.0 + 0.0).contiguous())
+    profile.ensure(overhead_key(dtype, spec), measure)
+
+
+def overhead_key(dtype: torch.dtype, spec) -> str:
+    return f"layer overhead {dtype_name(dtype)} {spec.hidden_size}"
+
+
+def profile_model(profile: HardwareProfile, device: torch.device, dtypes, spec, family, offload_dir: str) -> None:
+    """Every measurement the cost model needs for this model, on this machine, in these dtypes
+    (only those not in the profile yet), then the profile saved."""
+    layers = family.build_layers(spec, 0, 1, with_embed=True, with_head=True, sep_layer=True)
+    shapes = {(w.shape[1], w.shape[0]) for la in layers for w in la.weights if w.linear}
+    for dtype in dtypes:
+        measure_matmuls(profile, device, dtype, shapes)
+        measure_attention(profile, device, dtype, spec.num_heads, spec.kv_heads, spec.head_dim)
+        measure_layers(profile, device, dtype, spec, family)
+        measure_layer_overhead(profile, device, dtype, spec)
+        measure_conversions(profile, device, dtype)
+    measure_disk(profile, offload_dir)
+    profile.save()
+
+
+def measure_conversions(profile: HardwareProfile, device: torch.device, dtype: torch.dtype) -> None:
+    """Dense bytes per second out of 4-bit dequantization (weights and cache) and into quantization
+    (the cache's new tokens), and host-to-compute copies (memcpy on a CPU, pinned H2D on a GPU)."""
+    name = dtype_name(dtype)
+    w = torch.randn(2048, 2048, device=device).to(dtype)
+    dense = w.numel() * w.element_size()
+    config = CompressionConfig(4, 64, 0)
+    packed = quantize(w, config)
+    profile.ensure(f"decompress {name}", lambda: dense / _timed(device, lambda: dequantize(packed)))
+    profile.ensure(f"compress {name}", lambda: dense / _timed(device, lambda: quantize(w, config)))
+    src = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    if device.type == "cuda":
+        dst = torch.empty_like(src, device=device)
+        profile.ensure("copy to compute", lambda: src.numel() / _timed(device, lambda: dst.copy_(src, non_blocking=True)))
+        profile.ensure("copy to host", lambda: src.numel() / _timed(device, lambda: src.copy_(dst, non_blocking=True)))
+    else:
+        dst = torch.empty_like(src)
+        profile.ensure("copy to compute", lambda: src.numel() / _timed(device, lambda: dst.copy_(src)))
+        profile.ensure("copy to host", lambda: profile.rates["copy to compute"])
+
+
+def disk_key(directory: str, what: str) -> str:
+    return f"disk {what} {os.stat(directory).st_dev}"
+
+
+def measure_disk(profile: HardwareProfile, directory: str) -> None:
+    """Read and write bytes/s of the filesystem under `directory`, as the engine does them:
+    writes fsynced and dropped from the page cache, reads with O_DIRECT, four requests at once."""
+    if disk_key(directory, "read") in profile.rates:
+        return
+    t0 = time.perf_counter()
+    os.makedirs(directory, exist_ok=True)
+    probe_dir = tempfile.mkdtemp(prefix=".disk-probe-", dir=directory)
+    try:
+        parts = [torch.randint(0, 255, (DISK_PROBE_BYTES // 4,), dtype=torch.uint8) for _ in range(4)]
+        paths = [os.path.join(probe_dir, f"part{i}") for i in range(4)]
+        start = time.perf_counter()
+        for path, data in zip(paths, parts):
+            write_file(path, data)
+        write_s = time.perf_counter() - start
+        buf = aligned_empty(DISK_PROBE_BYTES)
+        chunk = DISK_PROBE_BYTES // 4
+        start = time.perf_counter()
+        for i, path in enumerate(paths):
+            read_file(path, chunk, alloc=lambda size, i=i: buf[i * chunk:i * chunk + size])
+        read_s = time.perf_counter() - start
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+    profile.rates[disk_key(directory, "write")] = DISK_PROBE_BYTES / write_s
+    profile.rates[disk_key(directory, "read")] = DISK_PROBE_BYTES / read_s
+    profile._points.clear()
+    profile.measured_s += time.perf_counter() - t0
+
+
+# ----- memory budgets --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Budgets:
+    """Bytes each tier may hold for one rank's plan (before the engine's own MARGIN)."""
+
+    compute: int
+    host: int
+    disk: int
+    source: str = ""
+
+
+def budgets(device: torch.device, offload_dir: str, gpu_mem: float | None = None, cpu_mem: float | None = None,
+            disk_mem: float | None = None) -> Budgets:
+    """What this process may use now on each tier, less the engine's margin; overrides in GiB.
+    `cpu_mem` is the whole process's host memory: what it already holds is taken off. Without a
+    GPU the compute tier is host memory, and the two share the host budget."""
+    rss = psutil.Process().memory_info().rss
+    available, source = host_available()
+    host = int(cpu_mem * GiB) - rss if cpu_mem is not None else available
+    if cpu_mem is not None:
+        source = f"--cpu-mem {cpu_mem:g} GiB"
+    host = max(int(min(host, available) / MARGIN), 0)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        compute = int((gpu_mem * GiB if gpu_mem is not None else free) / MARGIN)
+    else:
+        compute = host
+    os.makedirs(offload_dir, exist_ok=True)
+    disk = shutil.disk_usage(offload_dir).free if disk_mem is None else int(disk_mem * GiB)
+    return Budgets(compute, host, disk, source)

@@ -1,0 +1,322 @@
+"""Print the plan for a job without running it:
+
+    python -m flexgen_dist.plan --model opt-1.3b --prompt-len 512 --gen-len 32 --num-prompts 64 --cpu-mem 4
+
+where each tensor class lives, batches, stages, predicted memory per tier per rank, predicted
+prefill and decode time and throughput, and the bottleneck. `--ranks N` plans an N-rank pipeline
+on this machine (its cores shared by the ranks, as `launch/run_local.sh` does); `--rank-mem`
+gives the ranks unequal memory. The first run on a machine measures it (see hardware.py).
+
+The functions here are also what `flexgen_dist.run` uses to plan on every rank of a job.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, replace
+
+import torch
+
+from . import probe
+from .budget import GiB
+from .config import DEFAULT_OFFLOAD_DIR, PlannerConfig, pick
+from .costmodel import Machine, Workload
+from .dist import DistContext, broadcast, gather
+from .errors import FlexGenError
+from .flags import DefaultsHelpFormatter, OneLineErrorParser, add_fields
+from .hardware import Budgets, budgets, dtype_name, load_profile, profile_model
+from .memory import Devices
+from .models import family_of
+from .planner import Model, Options, Rank, RunPlan, evaluate_stage, plan
+from .policy import Policy, Tier
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def dtype_candidates(requested: str | None, device: torch.device) -> tuple[torch.dtype, ...]:
+    """The dtypes the planner may choose: the requested one, else those with a fast path here."""
+    if requested not in (None, "auto"):
+        return (DTYPES[requested],)
+    if device.type == "cuda":
+        return (probe.choose_cuda_dtype(device).dtype,)
+    forced = probe._forced(probe.BF16_ENV)
+    if forced is not None:
+        return (torch.bfloat16 if forced else torch.float32,)
+    return (torch.float32, torch.bfloat16) if probe.cpu_has_bf16_path() else (torch.float32,)
+
+
+def this_rank(spec, config: PlannerConfig, offload_dir: str, dtypes, rank: int = 0) -> Rank:
+    """This process's machine, measured as far as the model needs, and its budgets."""
+    device = Devices.detect().compute
+    profile = load_profile(device, reprofile=config.reprofile)
+    profile_model(profile, device, dtypes, spec, family_of(spec), offload_dir)
+    cpu_mem = config.rank_mem[rank] if config.rank_mem else config.cpu_mem
+    limits = budgets(device, offload_dir, config.gpu_mem, cpu_mem, config.disk_mem)
+    return Rank(Machine(profile, device.type == "cpu", offload_dir, spec), limits)
+
+
+def options_for(config: PlannerConfig, base: Policy, dtypes, stage_layers=None, micro_batches=None,
+                fixed: dict | None = None) -> Options:
+    """What the planner may choose: compression only when allowed or asked for, batch sizes only
+    when not given (`fixed` holds the policy fields the user set)."""
+    fixed = fixed or {}
+    if "compress_weight" in fixed or "compress_cache" in fixed or not config.auto_compress:
+        compression = ((base.compress_weight, base.compress_cache),)
+    else:
+        compression = ((False, False), (False, True), (True, False), (True, True))
+    return Options(dtypes=tuple(dtypes), compression=compression, base=base, stage_layers=stage_layers,
+                   micro_batches=(micro_batches,) if micro_batches else None,
+                   gpu_batch_sizes=(fixed["gpu_batch_size"],) if "gpu_batch_size" in fixed else None,
+                   gpu_batches=(fixed["num_gpu_batches"],) if "num_gpu_batches" in fixed else None)
+
+
+@dataclass
+class Decision:
+    """What every rank needs from rank 0's plan."""
+
+    policies: list[Policy]
+    stage_layers: list[int]
+    micro_batches: int
+    dtype: str
+    text: str  # the plan as printed
+
+
+def plan_job(ctx: DistContext, spec, config: PlannerConfig, offload_dir: str, options: Options,
+             workload: Workload, num_prompts: int) -> tuple[Decision, RunPlan | None]:
+    """Every rank measures itself; rank 0 plans for all and tells each its share."""
+    me = this_rank(spec, config, offload_dir, options.dtypes, ctx.rank)
+    ranks = gather(ctx, me)
+    decision, best = None, None
+    if ctx.first:
+        try:
+            best = plan(Model(spec, family_of(spec)), ranks, workload, num_prompts, options)
+            decision = Decision([s.policy for s in best.stages], best.stage_layers, best.micro_batches,
+                                dtype_name(best.dtype), describe(best, ranks))
+        except FlexGenError as e:
+            decision = e
+    decision = broadcast(ctx, decision)
+    if isinstance(decision, Exception):
+        raise decision
+    return decision, best
+
+
+def predict(spec, ranks: list[Rank], policies: list[Policy], stage_layers: list[int], micro: int, dtype,
+            workload: Workload, num_prompts: int) -> RunPlan:
+    """The cost model's prediction for a given (hand-written) policy and stages."""
+    from .costmodel import pipeline_time
+    model, stages, first = Model(spec, family_of(spec)), [], 0
+    for s, (size, policy) in enumerate(zip(stage_layers, policies)):
+        layers = model.layers(first, first + size, s == 0, s == len(stage_layers) - 1, policy.sep_layer)
+        stages.append(evaluate_stage(layers, first, first + size, policy, dtype, ranks[s], micro, workload, spec))
+        first += size
+    elem = torch.empty((), dtype=dtype).element_size()
+    block = policies[0].block_size
+    hidden = [block * workload.prompt_len * spec.hidden_size * elem, block * spec.hidden_size * elem]
+    copy_rate = min(r.machine.profile.rate("copy to host") for r in ranks) / 2
+    prefill, decode = pipeline_time([s.prefill_s for s in stages], [s.decode_s for s in stages], micro, hidden,
+                                    copy_rate, workload.gen_len)
+    return RunPlan(dtype, micro, stages, workload, num_prompts, prefill, decode)
+
+
+# ----- a run's plan ----------------------------------------------------------------------------
+@dataclass
+class Planned:
+    """What `run` planned: whether the policy is the planner's, rank 0's decision, and what the
+    prediction of the run needs afterwards (the ranks' machines, the workload)."""
+
+    auto: bool
+    decision: Decision | None
+    ranks: list[Rank]
+    workload: Workload
+    num_prompts: int
+    spec: object
+    options: Options | None = None
+
+
+def plan_run(args, ctx: DistContext, policy: Policy, engine_config, requests) -> Planned:
+    """Measure every rank and, with `--policy auto` (the default without --percent), plan the job."""
+    from .weights import resolve_model
+    config = PlannerConfig(**pick(PlannerConfig, args))
+    auto = config.policy == "auto" or (config.policy is None and args.percent is None)
+    model = resolve_model(args.model, dummy_weights=args.dummy_weights)
+    spec = model.spec
+    if config.rank_mem and len(config.rank_mem) != ctx.world_size:
+        raise FlexGenError(f"--rank-mem has {len(config.rank_mem)} values for {ctx.world_size} ranks")
+    workload, num_prompts = (job_workload(args, requests, args.tokenizer or model.tokenizer_path)
+                             if ctx.first else (None, 0))
+    device = Devices.detect().compute
+    dtypes = dtype_candidates(engine_config.dtype, device)
+    fixed = {k: getattr(policy, k) for k in getattr(args, "given", set()) & POLICY_CHOICES}
+    options = options_for(config, policy, dtypes, engine_config.stage_layers, engine_config.micro_batches, fixed)
+    from .generation import prepare_offload_dir
+    me = this_rank(spec, config, prepare_offload_dir(engine_config.offload_dir), dtypes, ctx.rank)
+    ranks = gather(ctx, me)
+    decision = None
+    if auto:
+        decision = broadcast(ctx, _decide(ctx, spec, ranks, workload, num_prompts, options, args))
+        if isinstance(decision, Exception):
+            raise decision
+        if ctx.first and not args.quiet:
+            print(decision.text)
+    return Planned(auto, decision, ranks, workload, num_prompts, spec, options)
+
+
+POLICY_CHOICES = {"gpu_batch_size", "num_gpu_batches", "compress_weight", "compress_cache"}
+
+
+def _decide(ctx, spec, ranks, workload, num_prompts, options, args):
+    if not ctx.first:
+        return None
+    try:
+        best = plan(Model(spec, family_of(spec)), ranks, workload, num_prompts or options.max_block, options)
+        if not num_prompts:  # synthetic prompts without --num-prompts: one block, as the planner sizes it
+            best = replace(best, num_prompts=best.block_rows)
+        return Decision([s.policy for s in best.stages], best.stage_layers, best.micro_batches,
+                        dtype_name(best.dtype), describe(best, ranks))
+    except FlexGenError as e:
+        return e
+
+
+def job_workload(args, requests, tokenizer_path) -> tuple[Workload, int]:
+    """(the lengths to plan for, the number of prompts; 0 = as many as one block holds). With a
+    prompts file, the longest prompt and the largest max_tokens: every block must fit."""
+    gen_len = args.max_new_tokens
+    if requests is None:
+        return Workload(args.prompt_len, gen_len), args.num_prompts or 0
+    from .prompts import _encode
+    tokenizer = None
+    if tokenizer_path and any(r.prompt.ids is None for r in requests):
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    longest = 1
+    for r in requests:
+        try:
+            ids = r.prompt.ids if r.prompt.ids is not None else _encode(r.prompt, tokenizer)
+        except (FlexGenError, TypeError, AttributeError):
+            continue  # the batch job reports this request's problem itself
+        longest = max(longest, len(ids))
+        gen_len = max(gen_len, int(r.params.get("max_tokens", gen_len) or gen_len))
+    return Workload(longest, gen_len), max(len(requests), 1)
+
+
+def compare(planned: Planned, engine, stages: list[dict]) -> dict:
+    """Rank 0, after the run: the prediction next to the measurement, and for a hand-written
+    policy a warning when the planner expects much better."""
+    stats = engine.last_stats
+    measured = stats.total_throughput
+    policies = [engine.policy] * len(stages) if not planned.auto else planned.decision.policies
+    sizes = [st["layers"][1] - st["layers"][0] for st in stages]
+    guess = predict(planned.spec, planned.ranks, policies, sizes, engine.micro_batches, engine.dtype,
+                    planned.workload, stats.prompts)
+    out = {"predicted_throughput": guess.throughput, "predicted_prefill_s": guess.prefill_s * guess.blocks,
+           "predicted_decode_s": guess.decode_s * guess.blocks, "auto": planned.auto,
+           "lines": [f"predicted: {guess.throughput:.2f} token/s (prefill {guess.prefill_s * guess.blocks:.2f} s, "
+                     f"decode {guess.decode_s * guess.blocks:.2f} s); measured: {measured:.2f} token/s"]}
+    if not planned.auto:
+        try:
+            best = plan(Model(planned.spec, family_of(planned.spec)), planned.ranks, planned.workload,
+                        stats.prompts, planned.options)
+        except FlexGenError:
+            return out
+        out["best_predicted_throughput"] = best.throughput
+        if best.throughput > FAR_FROM_BEST * guess.throughput:
+            pol = best.stages[0].policy
+            out["lines"].append(
+                f"warning: the planner expects {best.throughput:.2f} token/s for these {stats.prompts} prompts, "
+                f"{best.throughput / guess.throughput:.1f}x this policy's {guess.throughput:.2f}: --policy auto, or "
+                f"--percent {' '.join(f'{x:g}' for x in pol.percent)} --gpu-batch-size {pol.gpu_batch_size} "
+                f"--num-gpu-batches {pol.num_gpu_batches} --dtype {dtype_name(best.dtype)}")
+    return out
+
+
+FAR_FROM_BEST = 1.5
+
+
+# ----- the printed plan ------------------------------------------------------------------------
+def describe(p: RunPlan, ranks: list[Rank]) -> str:
+    first = p.stages[0].policy
+    lines = [f"plan: {p.num_prompts} prompts of {p.workload.prompt_len} tokens, {p.workload.gen_len} new tokens each; "
+             f"dtype {dtype_name(p.dtype)}",
+             f"  batches: gpu batch size {first.gpu_batch_size} x {first.num_gpu_batches} gpu batches"
+             + (f" x {p.micro_batches} micro-batches" if len(p.stages) > 1 else "")
+             + f" = {p.block_rows} sequences per block, {p.blocks} block(s)",
+             f"  compression: weights {_onoff(first.compress_weight)}, KV cache {_onoff(first.compress_cache)}"]
+    for i, (stage, rank) in enumerate(zip(p.stages, ranks)):
+        pol = stage.policy
+        lines.append(f"  rank {i}: layers {stage.first}-{stage.last - 1}; weights {_tiers(pol, 'w')}; "
+                     f"KV cache {_tiers(pol, 'cache')}; activations on {pol.act_tier.value}")
+        lines.append(f"    --percent {' '.join(f'{x:g}' for x in pol.percent)}")
+        lines.append("    predicted memory: " + _memory(stage.memory, rank))
+        lines.append(f"    predicted per block: prefill {stage.prefill_s:.2f} s, decode {stage.decode_s:.2f} s; "
+                     f"busiest resource: {stage.bottleneck} ("
+                     + ", ".join(f"{k} {v:.2f} s" for k, v in stage.resources.items()) + ")")
+    lines.append(f"  predicted: prefill {p.prefill_s:.2f} s + decode {p.decode_s:.2f} s per block, "
+                 f"{p.total_s:.2f} s in all, {p.throughput:.2f} generated tokens/s")
+    return "\n".join(lines)
+
+
+def _onoff(flag: bool) -> str:
+    return "4-bit" if flag else "no"
+
+
+def _tiers(policy: Policy, kind: str) -> str:
+    names = ("compute device", "host memory", "disk")
+    parts = [f"{p:g}% {n}" for p, n in zip(policy.tier_percents(kind), names) if p]
+    return ", ".join(parts) or "none"
+
+
+def _memory(memory, rank: Rank) -> str:
+    b: Budgets = rank.budgets
+    if rank.machine.cpu:
+        used = memory.total(Tier.COMPUTE) + memory.total(Tier.HOST)
+        text = f"RAM {used / GiB:.2f} of {b.host / GiB:.2f} GiB"
+    else:
+        text = (f"GPU {memory.total(Tier.COMPUTE) / GiB:.2f} of {b.compute / GiB:.2f} GiB, "
+                f"host {memory.total(Tier.HOST) / GiB:.2f} of {b.host / GiB:.2f} GiB")
+    return text + f", disk {memory.total(Tier.DISK) / GiB:.2f} GiB"
+
+
+# ----- the command line ------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineErrorParser(prog="python -m flexgen_dist.plan", description=__doc__,
+                           formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--model", default="opt-125m", help="built-in name or local Hugging Face directory")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--num-prompts", type=int, default=None, help="prompts in the job (default: as many as the best block holds, up to 4096)")
+    p.add_argument("--ranks", type=int, default=1, help="pipeline ranks on this machine")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    p.add_argument("--offload-dir", default=DEFAULT_OFFLOAD_DIR)
+    add_fields(p, PlannerConfig, skip=("policy",), title="planner")
+    return p
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        config = PlannerConfig(**pick(PlannerConfig, args))
+        from .weights import resolve_model
+        spec = resolve_model(args.model, dummy_weights=True).spec
+        if args.ranks < 1 or (config.rank_mem and len(config.rank_mem) != args.ranks):
+            raise FlexGenError(f"--rank-mem needs one value per rank ({args.ranks})")
+        offload_dir = os.path.abspath(os.path.expanduser(args.offload_dir))
+        device = Devices.detect().compute
+        dtypes = dtype_candidates(args.dtype, device)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(threads // args.ranks, 1))  # each rank's share of the cores
+        ranks = [this_rank(spec, config, offload_dir, dtypes, r) for r in range(args.ranks)]
+        num_prompts = args.num_prompts or 4096
+        options = options_for(config, Policy(), dtypes)
+        best = plan(Model(spec, family_of(spec)), ranks, Workload(args.prompt_len, args.gen_len), num_prompts, options)
+        if args.num_prompts is None:
+            best = replace(best, num_prompts=best.block_rows)
+        print(describe(best, ranks))
+    except FlexGenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The cost model and the planner as plain data: hand-written machine profiles, no model run."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from flexgen_dist.budget import GiB
+from flexgen_dist.costmodel import Machine, Placement, Step, Workload, layer_cost, pipeline_time
+from flexgen_dist.hardware import Budgets, HardwareProfile, disk_key, overhead_key
+from flexgen_dist.models import builtin_spec, family_of
+from flexgen_dist.planner import Infeasible, Model, Options, Rank, exact_memory, plan, shortfall
+from flexgen_dist.policy import Policy
+
+BF16 = torch.bfloat16
+WORK = Workload(prompt_len=256, gen_len=32)
+
+
+def machine(directory, spec, flops=1e12, mem_bw=20e9, disk_bw=1.5e9) -> Machine:
+    """A CPU machine that computes at `flops`, reads memory at `mem_bw` and its disk at `disk_bw`."""
+    shape = f"{spec.num_heads}/{spec.kv_heads}x{spec.head_dim}"
+    rates = {"matmul bfloat16 any": flops, f"attention decode bfloat16 {shape}": mem_bw,
+             f"attention prefill bfloat16 {shape}": flops, overhead_key(BF16, spec): 50e-6,
+             "decompress bfloat16": mem_bw / 4, "compress bfloat16": mem_bw / 8, "copy to compute": mem_bw,
+             "copy to host": mem_bw, disk_key(directory, "read"): disk_bw, disk_key(directory, "write"): disk_bw / 2}
+    return Machine(HardwareProfile({}, rates), True, str(directory), spec)
+
+
+def rank(directory, spec, host_gib, disk_gib=1000.0, **rates) -> Rank:
+    host = int(host_gib * GiB)
+    return Rank(machine(directory, spec, **rates), Budgets(host, host, int(disk_gib * GiB)))
+
+
+def model(name="opt-1.3b") -> Model:
+    spec = builtin_spec(name)
+    return Model(spec, family_of(spec))
+
+
+def options(**kw) -> Options:
+    return Options(dtypes=(BF16,), max_block=64, **kw)
+
+
+def fits(m: Model, ranks, p) -> bool:
+    first = 0
+    for s, (stage, r) in enumerate(zip(p.stages, ranks)):
+        layers = m.layers(stage.first, stage.last, s == 0, s == len(ranks) - 1)
+        memory = exact_memory(layers, stage.policy, p.dtype, p.micro_batches, p.workload, m.spec, True)
+        if shortfall(memory, r.budgets, True) is not None:
+            return False
+        assert stage.first == first
+        first = stage.last
+    return first == m.spec.num_layers
+
+
+@pytest.mark.parametrize("host_gib", [1.0, 1.5, 2.5, 4.0, 16.0])
+def test_plans_respect_every_budget(tmp_path, host_gib):
+    m = model()
+    ranks = [rank(tmp_path, m.spec, host_gib)]
+    p = plan(m, ranks, WORK, 64, options())
+    assert fits(m, ranks, p)
+
+
+def test_disk_budget_is_respected(tmp_path):
+    """With little RAM and a small disk, the KV cache may not spill beyond the disk budget."""
+    m = model()
+    ranks = [rank(tmp_path, m.spec, 1.0, disk_gib=0.05)]
+    p = plan(m, ranks, WORK, 64, options())
+    assert fits(m, ranks, p)
+
+
+def test_more_memory_never_lowers_predicted_throughput(tmp_path):
+    m = model()
+    speeds = [plan(m, [rank(tmp_path, m.spec, gib)], WORK, 64, options()).throughput
+              for gib in (1.0, 1.2, 2.0, 3.0, 5.0, 8.0, 16.0)]
+    assert all(b >= a * 0.999 for a, b in zip(speeds, speeds[1:])), speeds
+    assert speeds[-1] > 2 * speeds[0]  # and memory matters: disk-bound at 1 GiB
+
+
+def test_a_model_that_fits_gets_a_no_offload_plan(tmp_path):
+    m = model("opt-125m")
+    p = plan(m, [rank(tmp_path, m.spec, 16.0)], WORK, 64, options())
+    policy = p.stages[0].policy
+    assert policy.tier_percents("w") == (100, 0, 0) and policy.tier_percents("cache") == (100, 0, 0)
+
+
+def test_a_tight_budget_offloads_weights_and_the_prediction_is_disk_bound(tmp_path):
+    m = model()
+    p = plan(m, [rank(tmp_path, m.spec, 1.0)], WORK, 64, options())
+    assert p.stages[0].policy.w_gpu_percent < 50
+    assert p.stages[0].bottleneck == "disk"
+
+
+def test_infeasible_names_the_missing_bytes(tmp_path):
+    m = model()
+    with pytest.raises(Infeasible, match=r"needs \d+\.\d\d GiB more host memory"):
+        plan(m, [rank(tmp_path, m.spec, 0.1)], WORK, 64, options())
+
+
+def test_unequal_memory_gets_stages_proportional_to_what_each_rank_holds(tmp_path):
+    """Rank 0 can hold a third of what rank 1 holds: a bytes-balanced split does not fit it, the
+    planner's split does (with no disk at all)."""
+    m = model()
+    weights = 2.7  # GiB of OPT-1.3b in bf16
+    small, big = weights * 0.3, weights * 0.9
+    ranks = [rank(tmp_path, m.spec, small, disk_gib=0), rank(tmp_path, m.spec, big, disk_gib=0)]
+    p = plan(m, ranks, Workload(64, 8), 8, options())
+    assert fits(m, ranks, p)
+    first, second = p.stage_layers
+    assert first < second and first + second == m.spec.num_layers
+    balanced = options(stage_layers=[12, 12])
+    with pytest.raises(Infeasible):
+        plan(m, ranks, Workload(64, 8), 8, balanced)
+
+
+def test_a_slower_rank_gets_fewer_layers(tmp_path):
+    m = model()
+    ranks = [rank(tmp_path, m.spec, 16, flops=0.25e12, mem_bw=5e9), rank(tmp_path, m.spec, 16)]
+    p = plan(m, ranks, WORK, 16, options())
+    first, second = p.stage_layers
+    assert first < second
+
+
+def test_disk_weights_cost_their_bytes_over_disk_bandwidth(tmp_path):
+    m = model()
+    mach = machine(tmp_path, m.spec, disk_bw=1e9)
+    layer = m.layers(0, 1, False, False)[1]  # an MLP layer
+    policy = Policy(gpu_batch_size=1)
+    step = Step(rows=1, new=1, context=10)
+    on_disk = layer_cost(layer, step, policy, Placement((0, 0, 1)), BF16, mach, m.spec.num_heads, m.spec.hidden_size)
+    resident = layer_cost(layer, step, policy, Placement(), BF16, mach, m.spec.num_heads, m.spec.hidden_size)
+    weight_bytes = sum(torch.Size(w.shape).numel() * 2 for w in layer.weights)
+    assert on_disk["disk"] == pytest.approx(weight_bytes / 1e9)
+    assert resident["disk"] == 0 and resident["compute"] == pytest.approx(on_disk["compute"])
+
+
+def test_cache_on_disk_reads_the_past_and_writes_the_new_tokens(tmp_path):
+    m = model()
+    mach = machine(tmp_path, m.spec, disk_bw=1e9)
+    attn = m.layers(0, 1, False, False)[0]
+    policy = Policy(gpu_batch_size=4, cache_gpu_percent=0)
+    step = Step(rows=4, new=1, context=101)
+    cost = layer_cost(attn, step, policy, Placement(cache=(0, 0, 1)), BF16, mach, m.spec.num_heads, m.spec.hidden_size)
+    per_token = 2 * 4 * m.spec.kv_heads * m.spec.head_dim * 2
+    assert cost["disk"] == pytest.approx(100 * per_token / 1e9 + per_token / 0.5e9)
+
+
+def test_pipeline_time_fills_and_drains_prefill_and_decode_waits_for_the_ring():
+    # two equal stages, four micro-batches: prefill 4 + 1 stage-times; decode bound by the slowest stage
+    prefill, decode = pipeline_time([1.0, 1.0], [3.0, 3.0], 4, [0, 0], 1e18, 4)
+    assert prefill == pytest.approx(5.0, rel=1e-3)
+    assert decode == pytest.approx(3 * 4 * 1.0, rel=1e-3)
+    # one micro-batch: every decode step goes around the ring
+    _, decode = pipeline_time([1.0, 1.0], [3.0, 3.0], 1, [0, 0], 1e18, 4)
+    assert decode == pytest.approx(3 * 2.0, rel=1e-3)
+
+
+def test_the_planner_keeps_what_the_user_fixed(tmp_path):
+    m = model()
+    fixed = options(gpu_batch_sizes=(3,), gpu_batches=(2,))
+    p = plan(m, [rank(tmp_path, m.spec, 16)], WORK, 64, fixed)
+    assert (p.stages[0].policy.gpu_batch_size, p.stages[0].policy.num_gpu_batches) == (3, 2)
+    base = dataclasses.replace(Policy(), overlap=False)
+    p = plan(m, [rank(tmp_path, m.spec, 16)], WORK, 64, options(base=base))
+    assert p.stages[0].policy.overlap is False
