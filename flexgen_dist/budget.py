@@ -166,13 +166,24 @@ def _stat(directory: str) -> dict[str, int]:
         return {}
 
 
+_HOST_LIMIT: list[int] = []  # bytes of host memory this process may use in all (--cpu-mem), if set
+
+
+def limit_host_memory(total_bytes: int | None) -> None:
+    """Hold this process to `total_bytes` of host memory in all (None: no limit of our own)."""
+    _HOST_LIMIT[:] = [] if total_bytes is None else [int(total_bytes)]
+
+
 def host_available() -> tuple[int, str]:
     """(bytes this process may still allocate in host memory, where that number comes from)."""
-    machine = psutil.virtual_memory().available
+    found = [(psutil.virtual_memory().available, "available RAM")]
     cgroup = cgroup_memory_available()
-    if cgroup is not None and cgroup < machine:
-        return cgroup, "memory cgroup limit"
-    return machine, "available RAM"
+    if cgroup is not None:
+        found.append((cgroup, "memory cgroup limit"))
+    if _HOST_LIMIT:
+        rss = psutil.Process().memory_info().rss
+        found.append((max(_HOST_LIMIT[0] - rss, 0), f"--cpu-mem {_HOST_LIMIT[0] / GiB:g} GiB"))
+    return min(found, key=lambda f: f[0])
 
 
 def check_memory(plan: Plan, compute: torch.device, what: str) -> None:

@@ -407,10 +407,9 @@ def budgets(device: torch.device, offload_dir: str, gpu_mem: float | None = None
     GPU the compute tier is host memory, and the two share the host budget."""
     rss = psutil.Process().memory_info().rss
     available, source = host_available()
-    host = int(cpu_mem * GiB) - rss if cpu_mem is not None else available
-    if cpu_mem is not None:
-        source = f"--cpu-mem {cpu_mem:g} GiB"
-    host = max(int(min(host, available) / MARGIN), 0)
+    if cpu_mem is not None and int(cpu_mem * GiB) - rss < available:
+        available, source = max(int(cpu_mem * GiB) - rss, 0), f"--cpu-mem {cpu_mem:g} GiB"
+    host = int(available / MARGIN)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         compute = int((gpu_mem * GiB if gpu_mem is not None else free) / MARGIN)

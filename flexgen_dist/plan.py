@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import probe
-from .budget import GiB
+from .budget import GiB, limit_host_memory
 from .config import DEFAULT_OFFLOAD_DIR, PlannerConfig, pick
 from .costmodel import Machine, Workload
 from .dist import DistContext, broadcast, gather
@@ -119,6 +119,24 @@ def predict(spec, ranks: list[Rank], policies: list[Policy], stage_layers: list[
     return RunPlan(dtype, micro, stages, workload, num_prompts, prefill, decode)
 
 
+def plan_one_rank(model: str, prompt_len: int, gen_len: int, num_prompts: int | None, *, offload_dir: str,
+                  dtype: str, gpu_mem, cpu_mem, disk_mem, auto_compress: bool, fixed: dict) -> Policy:
+    """`Policy.auto`: the best single-rank policy, with the chosen dtype as `planned_dtype`."""
+    from .generation import prepare_offload_dir
+    from .weights import resolve_model
+    spec = resolve_model(model, dummy_weights=True).spec if not os.path.isdir(os.path.expanduser(model)) \
+        else resolve_model(os.path.expanduser(model)).spec
+    config = PlannerConfig(gpu_mem=gpu_mem, cpu_mem=cpu_mem, disk_mem=disk_mem, auto_compress=auto_compress)
+    dtypes = dtype_candidates(dtype, Devices.detect().compute)
+    rank = this_rank(spec, config, prepare_offload_dir(offload_dir), dtypes)
+    base = Policy(**fixed).validate()
+    options = options_for(config, base, dtypes, fixed={k: v for k, v in fixed.items() if k in POLICY_CHOICES})
+    best = plan(Model(spec, family_of(spec)), [rank], Workload(prompt_len, gen_len), num_prompts or 4096, options)
+    policy = best.stages[0].policy
+    policy.planned_dtype = dtype_name(best.dtype)
+    return policy
+
+
 # ----- a run's plan ----------------------------------------------------------------------------
 @dataclass
 class Planned:
@@ -143,6 +161,9 @@ def plan_run(args, ctx: DistContext, policy: Policy, engine_config, requests) ->
     spec = model.spec
     if config.rank_mem and len(config.rank_mem) != ctx.world_size:
         raise FlexGenError(f"--rank-mem has {len(config.rank_mem)} values for {ctx.world_size} ranks")
+    mine = config.rank_mem[ctx.rank] if config.rank_mem else config.cpu_mem
+    if mine is not None:  # the engine's own memory checks hold this rank to it too
+        limit_host_memory(int(mine * GiB))
     workload, num_prompts = (job_workload(args, requests, args.tokenizer or model.tokenizer_path)
                              if ctx.first else (None, 0))
     device = Devices.detect().compute

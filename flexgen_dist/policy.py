@@ -74,6 +74,20 @@ class Policy:
                  "act_gpu_percent", "act_cpu_percent"]
         return cls(**dict(zip(names, percent)), **kwargs)
 
+    @classmethod
+    def auto(cls, model: str, prompt_len: int, gen_len: int, num_prompts: int | None = None, *,
+             offload_dir: str = "~/flexgen_offload_dir", dtype: str = "auto", gpu_mem: float | None = None,
+             cpu_mem: float | None = None, disk_mem: float | None = None, auto_compress: bool = False,
+             **fixed) -> "Policy":
+        """The planner's policy for one rank running `model` (a built-in name or a local directory)
+        on `num_prompts` prompts of `prompt_len` tokens and `gen_len` new tokens, within this
+        machine's memory (or the GiB given). `fixed` are Policy fields to keep as given. Use it
+        with the planner's dtype: `Engine.from_pretrained(..., policy=p, dtype=p.planned_dtype)`."""
+        from .plan import plan_one_rank
+        return plan_one_rank(model, prompt_len, gen_len, num_prompts, offload_dir=offload_dir, dtype=dtype,
+                             gpu_mem=gpu_mem, cpu_mem=cpu_mem, disk_mem=disk_mem, auto_compress=auto_compress,
+                             fixed=fixed)
+
     @property
     def percent(self) -> tuple[float, ...]:
         return (self.w_gpu_percent, self.w_cpu_percent, self.cache_gpu_percent,
