@@ -138,15 +138,16 @@ def _compute(layer: Layer, step: Step, place: Placement, dtype: torch.dtype, mac
     resident = place.weights[0] if machine.cpu else 1.0  # on a GPU every weight is used from GPU memory
     if layer.parts:  # a merged block (--sep-layer 0): its parts one after the other
         return {"compute": sum(_compute(p, step, place, dtype, machine, heads)["compute"] for p in layer.parts)}
-    if layer.part != BLOCK:
-        seconds = rates.rate(overhead_key(dtype, machine.spec))
-        for w in (w for w in layer.weights if w.linear):  # the head: last positions only
+    job = rates.rates.get(f"executor job {dtype_name(dtype)} {machine.spec.family}", 0.0)
+    if layer.part != BLOCK:  # the head (last positions only) multiplies with the plain weight: it is
+        seconds = job + rates.rate(overhead_key(dtype, machine.spec))  # often the embedding's, tied
+        for w in (w for w in layer.weights if w.linear):
             n, k = w.shape
-            seconds += resident * rates.matmul_s(dtype, step.rows, k, n, packed=True) + \
-                (1 - resident) * rates.matmul_s(dtype, step.rows, k, n)
+            seconds += rates.matmul_s(dtype, step.rows, k, n)
         return {"compute": seconds}
     measured = [_measured_layer(layer, step, dtype, machine, packed) for packed in (True, False)]
-    return {"compute": resident * measured[0] + (1 - resident) * measured[1] + _attention_beyond(layer, step, dtype, machine, heads)}
+    return {"compute": job + resident * measured[0] + (1 - resident) * measured[1]
+            + _attention_beyond(layer, step, dtype, machine, heads)}
 
 
 def _measured_layer(layer: Layer, step: Step, dtype: torch.dtype, machine: Machine, packed: bool) -> float:

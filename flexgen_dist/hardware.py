@@ -11,6 +11,7 @@ All rates are per second: FLOP/s for matmuls and prefill attention, bytes/s for 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -31,20 +32,21 @@ from .budget import MARGIN, host_available
 from .compression import CompressionConfig, dequantize, quantize
 from .memory import aligned_empty, read_file, write_file
 from .models.attention import attend
+from .models.base import HEAD
 from .workdir import partial_file
 
-PROFILE_VERSION = 4
+PROFILE_VERSION = 6
 MATMUL_ROWS = (1, 8, 32, 128, 512)  # rows of a product measured; others are interpolated
 MAX_FLOP_PER_CALL = 4e9  # bigger products are not timed beyond this size (the rate has saturated)
 DISK_PROBE_BYTES = 256 << 20
 GiB = 1 << 30
 
 
-def _best_time(fn: Callable[[], object], budget_s: float = 0.15, at_most: int = 20) -> float:
+def _best_time(fn: Callable[[], object], budget_s: float = 0.15, at_most: int = 20, at_least: int = 3) -> float:
     """The fastest of a few calls after a warm-up (the least disturbed by a busy machine)."""
     fn()
     best, spent, calls = float("inf"), 0.0, 0
-    while calls < 3 or (spent < budget_s and calls < at_most):
+    while calls < at_least or (spent < budget_s and calls < at_most):
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
@@ -57,11 +59,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(device: torch.device, fn: Callable[[], object]) -> float:
+def _timed(device: torch.device, fn: Callable[[], object], at_least: int = 3) -> float:
     def call():
         fn()
         _sync(device)
-    return _best_time(call)
+    return _best_time(call, at_least=at_least)
+
+
+def _timed_cycle(device: torch.device, cycle: Callable[[], object]) -> float:
+    """A cycle over many copies already averages; two timed rounds after a warm-up suffice."""
+    return _best_time(lambda: (cycle(), _sync(device)), budget_s=0.0, at_least=2)
 
 
 def machine_identity(device: torch.device) -> dict:
@@ -195,16 +202,22 @@ def measure_matmuls(profile: HardwareProfile, device: torch.device, dtype: torch
             missing = [r for r in MATMUL_ROWS if matmul_key(dtype, r, k, n, packed) not in profile.rates]
             if not missing:
                 continue
-            w = torch.randn(n, k, device=device).to(dtype) * 0.02
-            weight = kernels.pack_linear_weight(w, 8) if packed else w
+            # several copies, read from memory as a real run's weights are (not from the CPU's cache)
+            plain = [torch.full((n, k), 0.01, dtype=dtype, device=device)
+                     for _ in range(_copies(n * k * dtype.itemsize, device))]
             for rows in missing:
-                profile.ensure(matmul_key(dtype, rows, k, n, packed), lambda: _matmul_rate(device, dtype, weight, rows, k, n))
+                weights = [kernels.pack_linear_weight(w, rows) for w in plain] if packed else plain
+                profile.ensure(matmul_key(dtype, rows, k, n, packed), lambda: _matmul_rate(device, dtype, weights, rows, k, n))
 
 
-def _matmul_rate(device: torch.device, dtype: torch.dtype, weight: torch.Tensor, rows: int, k: int, n: int) -> float:
+def _matmul_rate(device: torch.device, dtype: torch.dtype, weights: list, rows: int, k: int, n: int) -> float:
     measured = min(rows, max(1, int(MAX_FLOP_PER_CALL / (2 * k * n))))
     x = torch.randn(measured, k, device=device).to(dtype)
-    return 2.0 * measured * k * n / _timed(device, lambda: kernels.linear(x, weight))
+
+    def cycle():
+        for w in weights:
+            kernels.linear(x, w)
+    return 2.0 * measured * k * n * len(weights) / _timed_cycle(device, cycle)
 
 
 def measure_attention(profile: HardwareProfile, device: torch.device, dtype: torch.dtype, heads: int,
@@ -223,7 +236,7 @@ def measure_attention(profile: HardwareProfile, device: torch.device, dtype: tor
         def cycle():
             for k in ks:
                 attend(q, k, k, bias)
-        return 2 * len(ks) * ks[0].numel() * dtype.itemsize / _timed(device, cycle)
+        return 2 * len(ks) * ks[0].numel() * dtype.itemsize / _timed_cycle(device, cycle)
 
     def prefill() -> float:
         b, s = 1, 256
@@ -271,18 +284,19 @@ def measure_layers(profile: HardwareProfile, device: torch.device, dtype: torch.
             for phase, rows, new, context in points:
                 key = layer_key(dtype, spec, layer_kind(layer), phase, rows * new, packed)
                 kv = 2 * rows * layer.kv_heads * (context + CAPACITY_SLACK) * layer.head_dim if layer.has_cache else 0
-                copies = _copies((params + kv) * dtype.itemsize, device) if phase == "decode" else 1
+                flop_bound = max(1, int(MAX_LAYER_FLOP // (2 * params * rows * new)))  # prefill: a few big calls
+                copies = _copies((params + kv) * dtype.itemsize, device, most=min(64, flop_bound))
                 profile.ensure(key, lambda: _time_layer(layer, spec, dtype, device, packed, rows, new, context, copies))
 
 
-def _copies(layer_bytes: int, device: torch.device) -> int:
+def _copies(layer_bytes: int, device: torch.device, most: int = 64) -> int:
     """How many copies of a layer's weights a decode measurement cycles through: enough that
     they do not stay in the CPU's last-level cache (hundreds of MB on servers), as the model's
     many layers do not; bounded by a quarter of the memory there is."""
     if device.type == "cuda":
         return 1
     room = min(STREAM_BYTES, host_available()[0] // 4)
-    return max(1, min(room // max(layer_bytes, 1), 64))
+    return max(1, min(room // max(layer_bytes, 1), most))
 
 
 def _time_layer(layer, spec, dtype, device, packed: bool, rows: int, new: int, context: int, copies: int) -> float:
@@ -299,7 +313,7 @@ def _time_layer(layer, spec, dtype, device, packed: bool, rows: int, new: int, c
     def cycle():
         for weights, extra in zip(sets, caches):
             layer.forward(weights, x, inputs, *extra)
-    return _timed(device, cycle) / copies
+    return _timed_cycle(device, cycle) / copies
 
 
 def _random_weight(w, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -316,6 +330,57 @@ def measure_layer_overhead(profile: HardwareProfile, device: torch.device, dtype
     profile.ensure(overhead_key(dtype, spec), measure)
 
 
+class _HeldWeights:
+    """The part of the weight store's interface the executor uses, over tensors in memory."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def nbytes(self, name: str) -> int:
+        return self.tensors[name].numel() * self.tensors[name].element_size()
+
+    file_bytes = nbytes
+
+    def read(self, name: str, alloc=None) -> torch.Tensor:
+        return self.tensors[name]
+
+
+def measure_executor_overhead(profile: HardwareProfile, device: torch.device, dtype: torch.dtype, spec,
+                              family, work_dir: str) -> None:
+    """Seconds the block schedule adds per (layer, batch) job beyond the layer's own math (the
+    loop, futures handed between threads, activations, the allocator trim): a decode step of a
+    tiny copy of the model through the real executor, less its layers timed alone."""
+    from .block import step_inputs
+    from .executor import LocalExecutor
+    from .memory import Devices
+    from .policy import Policy
+
+    def measure() -> float:
+        tiny = dataclasses.replace(spec, hidden_size=64, ffn_dim=128, num_heads=2, num_kv_heads=min(spec.kv_heads, 2)
+                                   if spec.kv_heads < spec.num_heads else 0, head_size=32, num_layers=8)
+        layers = family.build_layers(tiny, 0, tiny.num_layers, with_embed=False, with_head=False, sep_layer=True)
+        tensors = {w.name: _random_weight(w, dtype, device) for la in layers for w in la.weights}
+        rows, context = 4, DECODE_CONTEXT
+        executor = LocalExecutor(layers, _HeldWeights(tensors), Policy(gpu_batch_size=rows), Devices.detect(), dtype,
+                                 work_dir)
+        try:
+            caches = executor.allocate_caches([rows], context + CAPACITY_SLACK)
+            inputs = [step_inputs(torch.ones(rows, context, dtype=torch.bool), 1, dtype, device)]
+            x = torch.zeros(rows, 1, tiny.hidden_size, dtype=dtype, device=device)
+            whole = _timed(device, lambda: executor.forward_step([x], inputs, caches))
+            executor.free_caches(caches)
+        finally:
+            executor.close()
+        alone = 0.0
+        for layer in layers:
+            weights = {w.key: tensors[w.name] for w in layer.weights}
+            extra = ((tuple(torch.zeros(rows, layer.kv_heads, context + CAPACITY_SLACK, layer.head_dim, dtype=dtype,
+                                        device=device) for _ in range(2)),) if layer.has_cache else ())
+            alone += _timed(device, lambda: layer.forward(weights, x, inputs[0], *extra))
+        return max(whole - alone, 0.0) / len(layers)
+    profile.ensure(f"executor job {dtype_name(dtype)} {spec.family}", measure)
+
+
 def overhead_key(dtype: torch.dtype, spec) -> str:
     return f"layer overhead {dtype_name(dtype)} {spec.hidden_size}"
 
@@ -324,12 +389,14 @@ def profile_model(profile: HardwareProfile, device: torch.device, dtypes, spec, 
     """Every measurement the cost model needs for this model, on this machine, in these dtypes
     (only those not in the profile yet), then the profile saved."""
     layers = family.build_layers(spec, 0, 1, with_embed=True, with_head=True, sep_layer=True)
-    shapes = {(w.shape[1], w.shape[0]) for la in layers for w in la.weights if w.linear}
+    # block layers are measured whole (measure_layers); the head's product is priced from its rate
+    shapes = {(w.shape[1], w.shape[0]) for la in layers if la.part == HEAD for w in la.weights if w.linear}
     for dtype in dtypes:
         measure_matmuls(profile, device, dtype, shapes)
         measure_attention(profile, device, dtype, spec.num_heads, spec.kv_heads, spec.head_dim)
         measure_layers(profile, device, dtype, spec, family)
         measure_layer_overhead(profile, device, dtype, spec)
+        measure_executor_overhead(profile, device, dtype, spec, family, offload_dir)
         measure_conversions(profile, device, dtype)
     measure_disk(profile, offload_dir)
     profile.save()

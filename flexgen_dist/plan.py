@@ -34,7 +34,7 @@ from .policy import Policy, Tier
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def dtype_candidates(requested: str | None, device: torch.device) -> tuple[torch.dtype, ...]:
+def dtype_candidates(requested: str | None, device: torch.device, dim: int = 2048) -> tuple[torch.dtype, ...]:
     """The dtypes the planner may choose: the requested one, else those with a fast path here."""
     if requested not in (None, "auto"):
         return (DTYPES[requested],)
@@ -43,7 +43,15 @@ def dtype_candidates(requested: str | None, device: torch.device) -> tuple[torch
     forced = probe._forced(probe.BF16_ENV)
     if forced is not None:
         return (torch.bfloat16 if forced else torch.float32,)
-    return (torch.float32, torch.bfloat16) if probe.cpu_has_bf16_path() else (torch.float32,)
+    if not probe.cpu_has_bf16_path():
+        return (torch.float32,)
+    speedup = probe.bf16_speedup(dim)
+    if speedup > BF16_DOMINATES:  # half the bytes and this much faster: fp32 cannot win
+        return (torch.bfloat16,)
+    return (torch.float32,) if speedup < 1 / BF16_DOMINATES else (torch.float32, torch.bfloat16)
+
+
+BF16_DOMINATES = 1.5
 
 
 def this_rank(spec, config: PlannerConfig, offload_dir: str, dtypes, rank: int = 0) -> Rank:
@@ -127,7 +135,7 @@ def plan_one_rank(model: str, prompt_len: int, gen_len: int, num_prompts: int | 
     spec = resolve_model(model, dummy_weights=True).spec if not os.path.isdir(os.path.expanduser(model)) \
         else resolve_model(os.path.expanduser(model)).spec
     config = PlannerConfig(gpu_mem=gpu_mem, cpu_mem=cpu_mem, disk_mem=disk_mem, auto_compress=auto_compress)
-    dtypes = dtype_candidates(dtype, Devices.detect().compute)
+    dtypes = dtype_candidates(dtype, Devices.detect().compute, spec.hidden_size)
     rank = this_rank(spec, config, prepare_offload_dir(offload_dir), dtypes)
     base = Policy(**fixed).validate()
     options = options_for(config, base, dtypes, fixed={k: v for k, v in fixed.items() if k in POLICY_CHOICES})
@@ -167,7 +175,7 @@ def plan_run(args, ctx: DistContext, policy: Policy, engine_config, requests) ->
     workload, num_prompts = (job_workload(args, requests, args.tokenizer or model.tokenizer_path)
                              if ctx.first else (None, 0))
     device = Devices.detect().compute
-    dtypes = dtype_candidates(engine_config.dtype, device)
+    dtypes = dtype_candidates(engine_config.dtype, device, spec.hidden_size)
     fixed = {k: getattr(policy, k) for k in getattr(args, "given", set()) & POLICY_CHOICES}
     options = options_for(config, policy, dtypes, engine_config.stage_layers, engine_config.micro_batches, fixed)
     from .generation import prepare_offload_dir
@@ -323,7 +331,7 @@ def main(argv=None) -> int:
             raise FlexGenError(f"--rank-mem needs one value per rank ({args.ranks})")
         offload_dir = os.path.abspath(os.path.expanduser(args.offload_dir))
         device = Devices.detect().compute
-        dtypes = dtype_candidates(args.dtype, device)
+        dtypes = dtype_candidates(args.dtype, device, spec.hidden_size)
         threads = torch.get_num_threads()
         torch.set_num_threads(max(threads // args.ranks, 1))  # each rank's share of the cores
         ranks = [this_rank(spec, config, offload_dir, dtypes, r) for r in range(args.ranks)]
