@@ -62,12 +62,13 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(HERE, "results-planner.jsonl"))
     p.add_argument("--offload-dir", default=os.path.expanduser("~/flexgen_offload_dir"))
     p.add_argument("--only", type=int, nargs="*", help="indexes of CONFIGS to run")
+    p.add_argument("--auto-only", action="store_true", help="only the --policy auto run of each configuration")
     args = p.parse_args()
     for i, (model, limit, plen, glen, n) in enumerate(CONFIGS):
         if args.only and i not in args.only:
             continue
         runs = [("auto", ["--policy", "auto"])]
-        runs += [(f"w{w}-b{b}x{g}", ["--percent", str(w), "0", "100", "0", "100", "0", "--gpu-batch-size", str(b),
+        runs += [] if args.auto_only else [(f"w{w}-b{b}x{g}", ["--percent", str(w), "0", "100", "0", "100", "0", "--gpu-batch-size", str(b),
                                     "--num-gpu-batches", str(g), "--dtype", "bfloat16"]) for w, b, g in GRID]
         for name, policy in runs:
             result = run_one(model, limit, plen, glen, n, policy, args.offload_dir)

@@ -156,6 +156,8 @@ def _measured_layer(layer: Layer, step: Step, dtype: torch.dtype, machine: Machi
     layer measurements (written by hand) prices the matmuls and the fixed cost instead."""
     phase, size = ("decode", step.rows) if step.new == 1 else ("prefill", step.rows * step.new)
     points = machine.profile.layer_points(layer_key(dtype, machine.spec, layer_kind(layer), phase, 0, packed))
+    if not points and packed:  # nothing packs in this dtype here: resident weights are plain too
+        points = machine.profile.layer_points(layer_key(dtype, machine.spec, layer_kind(layer), phase, 0, False))
     if not points:
         return _priced_layer(layer, step, dtype, machine, packed)
     if size <= points[0][0]:

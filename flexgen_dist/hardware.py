@@ -159,9 +159,10 @@ class HardwareProfile:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         body = json.dumps({"version": PROFILE_VERSION, "identity": self.identity, "rates": self.rates},
                           indent=1, sort_keys=True)
-        with partial_file(self.path + ".new"), open(self.path + ".new", "w") as f:
+        temp = f"{self.path}.{os.getpid()}.new"  # ranks on one machine may save at once
+        with partial_file(temp), open(temp, "w") as f:
             f.write(body)
-        os.replace(self.path + ".new", self.path)
+        os.replace(temp, self.path)
 
 
 def matmul_key(dtype: torch.dtype, rows: int, k: int, n: int, packed: bool = False) -> str:
@@ -456,7 +457,23 @@ def measure_disk(profile: HardwareProfile, directory: str) -> None:
     profile.measured_s += time.perf_counter() - t0
 
 
-# ----- memory budgets --------------------------------------------------------------------------
+# ----- memory budgets -----------------------------------------------------------------------
+CODE_RESERVE = 256 << 20  # libraries' pages a run touches after planning (oneDNN kernels, ...)
+
+
+def code_reserve() -> int:
+    """Memory a plan must leave to the program's own files (torch's libraries are mapped, and their
+    pages count against a memory cgroup like the page cache does): what is resident now, plus
+    room for what the run will touch. Planning that memory away evicts them, and a run that
+    re-reads its own code from disk in every step is several times slower."""
+    try:
+        with open("/proc/self/status") as f:
+            resident = next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+    except (OSError, StopIteration, ValueError):
+        resident = 0
+    return resident + CODE_RESERVE
+
+
 @dataclass(frozen=True)
 class Budgets:
     """Bytes each tier may hold for one rank's plan (before the engine's own MARGIN)."""
@@ -476,7 +493,7 @@ def budgets(device: torch.device, offload_dir: str, gpu_mem: float | None = None
     available, source = host_available()
     if cpu_mem is not None and int(cpu_mem * GiB) - rss < available:
         available, source = max(int(cpu_mem * GiB) - rss, 0), f"--cpu-mem {cpu_mem:g} GiB"
-    host = int(available / MARGIN)
+    host = int(max(available - code_reserve(), 0) / MARGIN)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         compute = int((gpu_mem * GiB if gpu_mem is not None else free) / MARGIN)

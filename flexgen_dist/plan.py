@@ -244,8 +244,10 @@ def compare(planned: Planned, engine, stages: list[dict]) -> dict:
                      f"decode {guess.decode_s * guess.blocks:.2f} s); measured: {measured:.2f} token/s"]}
     if not planned.auto:
         try:
+            free = replace(planned.options, gpu_batch_sizes=None, gpu_batches=None, stage_layers=None,
+                           micro_batches=None)  # what the planner would choose in the run's place
             best = plan(Model(planned.spec, family_of(planned.spec)), planned.ranks, planned.workload,
-                        stats.prompts, planned.options)
+                        stats.prompts, free)
         except FlexGenError:
             return out
         out["best_predicted_throughput"] = best.throughput

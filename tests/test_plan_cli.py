@@ -1,0 +1,107 @@
+"""The planner end to end: the hardware profile's cache, `python -m flexgen_dist.plan`, `--policy
+auto` runs (same tokens as any hand-written policy), the prediction next to the measurement, and
+the one-line refusal of a request nothing can fit."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import PROMPTS, make_checkpoint, run_cli
+from flexgen_dist import Engine, Policy, hardware
+from flexgen_dist.models import family_of, spec_from_dir
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    make_checkpoint(path, post_ln=False)
+    return str(path)
+
+
+def run_plan(*args):
+    p = subprocess.run([sys.executable, "-m", "flexgen_dist.plan", *map(str, args)], capture_output=True, text=True,
+                       timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_profile_is_measured_once_and_cached_per_machine(ckpt, tmp_path):
+    spec = spec_from_dir(ckpt)
+    device, cache = torch.device("cpu"), tmp_path / "cache"
+    profile = hardware.load_profile(device, cache_dir=str(cache))
+    hardware.profile_model(profile, device, (torch.float32,), spec, family_of(spec), str(tmp_path))
+    assert profile.measured_s > 0 and any(k.startswith("layer float32") for k in profile.rates)
+    assert any(k.startswith("disk read") for k in profile.rates) and "executor job float32 opt" in profile.rates
+    again = hardware.load_profile(device, cache_dir=str(cache))
+    hardware.profile_model(again, device, (torch.float32,), spec, family_of(spec), str(tmp_path))
+    assert again.rates == profile.rates and again.measured_s == 0  # nothing measured twice
+    assert hardware.load_profile(device, cache_dir=str(cache), reprofile=True).rates == {}
+    # a damaged or foreign file is measured afresh, not trusted
+    path = again.path
+    with open(path, "w") as f:
+        f.write("{not json")
+    assert hardware.load_profile(device, cache_dir=str(cache)).rates == {}
+    data = {"version": hardware.PROFILE_VERSION, "identity": {**again.identity, "cpu": "another"}, "rates": {"x": 1}}
+    with open(path, "w") as f:
+        json.dump(data, f)
+    assert hardware.load_profile(device, cache_dir=str(cache)).rates == {}
+
+
+def test_plan_command_prints_the_plan(ckpt, tmp_path):
+    code, out, err = run_plan("--model", ckpt, "--prompt-len", 8, "--gen-len", 4, "--num-prompts", 16,
+                              "--offload-dir", tmp_path, "--dtype", "float32")
+    assert code == 0, err
+    assert "--percent 100 0 100 0 100 0" in out  # a tiny model fits: nothing offloaded
+    assert "predicted memory: RAM" in out and "generated tokens/s" in out and "busiest resource" in out
+
+
+def test_a_request_nothing_fits_gets_one_line(ckpt, tmp_path):
+    code, out, err = run_plan("--model", "opt-1.3b", "--prompt-len", 8, "--gen-len", 4, "--cpu-mem", 0.2,
+                              "--offload-dir", tmp_path, "--dtype", "float32")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: no placement fits"), err
+    assert "GiB more host memory" in err
+
+
+def test_auto_run_gives_the_tokens_of_a_hand_written_policy(ckpt, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS))
+    outs = {}
+    for name, policy in [("auto", []), ("disk", ["--percent", 0, 0, 0, 0, 100, 0, "--gpu-batch-size", 2])]:
+        out, log = tmp_path / f"{name}.jsonl", tmp_path / f"{name}-log.jsonl"
+        code, stdout, stderr = run_cli("--model", ckpt, "--prompts", prompts, "--gen-len", 5, "--dtype", "float32",
+                                       "--offload-dir", tmp_path / "off", "--output", out, "--log-file", log, *policy)
+        assert code == 0, stderr
+        assert "predicted:" in stdout and "measured:" in stdout
+        entry = json.loads(log.read_text().splitlines()[-1])
+        assert entry["plan"]["auto"] is (name == "auto") and entry["plan"]["predicted_throughput"] > 0
+        outs[name] = [json.loads(line)["output_ids"] for line in out.read_text().splitlines()]
+        if name == "auto":
+            assert stdout.startswith("plan: 5 prompts") and "w_gpu_percent=100" in entry["policy"]
+    assert outs["auto"] == outs["disk"]
+
+
+def test_a_policy_far_from_the_best_is_warned_about(ckpt, tmp_path):
+    """Everything on disk, one sequence per batch, for a model that fits in memory many times over."""
+    code, stdout, stderr = run_cli("--model", ckpt, "--prompt-len", 8, "--num-prompts", 16, "--gen-len", 4,
+                                   "--percent", 0, 0, 0, 0, 0, 0, "--gpu-batch-size", 1, "--overlap", 0,
+                                   "--dtype", "float32", "--offload-dir", tmp_path)
+    assert code == 0, stderr
+    assert "warning: the planner expects" in stderr and "--policy auto" in stderr
+
+
+def test_cpu_mem_holds_the_engine_to_it(ckpt, tmp_path):
+    code, _, stderr = run_cli("--model", ckpt, "--percent", 100, 0, 100, 0, 100, 0, "--dtype", "float32",
+                              "--cpu-mem", 0.01, "--offload-dir", tmp_path, "--gen-len", 2, "--prompt-len", 4)
+    assert code == 2 and stderr.startswith("error: not enough host memory") and "--cpu-mem 0.01 GiB" in stderr, stderr
+
+
+def test_policy_auto_in_python(ckpt, tmp_path):
+    policy = Policy.auto(ckpt, prompt_len=8, gen_len=4, num_prompts=8, offload_dir=str(tmp_path), dtype="float32")
+    assert policy.tier_percents("w") == (100, 0, 0) and policy.block_size <= 8 and policy.planned_dtype == "float32"
+    with Engine.from_pretrained(ckpt, policy=policy, offload_dir=tmp_path, dtype=policy.planned_dtype) as engine:
+        ids = engine.generate(PROMPTS, max_new_tokens=3, new_tokens_only=True)
+    assert len(ids) == len(PROMPTS) and all(len(i) == 3 for i in ids)
