@@ -113,3 +113,22 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
     if session.exitstatus == 0:  # a passing suite leaves its temp dir empty (converted models are ~1 GB)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["packed", "dense"])
+def int4_mode(request, monkeypatch):
+    """Both outcomes of the int4 probe on every CPU: compressed linear weights multiplied from the
+    packed codes (forced on where the kernel works) or dequantized first (forced off)."""
+    from flexgen_dist import probe
+    monkeypatch.setenv(probe.INT4_ENV, "1" if request.param == "packed" else "0")
+    probe.int4_choice.cache_clear()
+    yield request.param
+    probe.int4_choice.cache_clear()
+
+
+def count_int4_products(monkeypatch) -> list:
+    """A list that grows by one for every product the int4 kernel computes from here on."""
+    from flexgen_dist import probe
+    calls, original = [], probe.int4_mm
+    monkeypatch.setattr(probe, "int4_mm", lambda x, w: calls.append(x.shape[0]) or original(x, w))
+    return calls
