@@ -18,24 +18,41 @@ import json
 import math
 import os
 
+import contextlib
+from unittest import mock
+
 import torch
 import torch.nn.functional as F
 
-from flexgen_dist import Engine, Policy
+from flexgen_dist import Engine, Policy, int4
+from flexgen_dist.compression import CompressionConfig
 
 VARIANTS = {
     "fp32": dict(dtype="float32"),
     "bf16": dict(dtype="bfloat16"),
     "bf16 + 4-bit weights": dict(dtype="bfloat16", compress_weight=True),
+    "bf16 + 4-bit weights, FlexGen grouping": dict(dtype="bfloat16", compress_weight=True, flexgen_grouping_=True),
     "bf16 + 4-bit cache": dict(dtype="bfloat16", compress_cache=True),
     "bf16 + 4-bit weights + cache": dict(dtype="bfloat16", compress_weight=True, compress_cache=True),
 }
 
 
-def score(model: str, sequences: torch.Tensor, offload: str, dtype: str, **policy) -> torch.Tensor:
+def flexgen_grouping():
+    """The engine's weight compression as FlexGen (and this project before the int4 kernels) did
+    it: groups along output channels (dim 0), min and step per group, dequantized before use."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(int4, "fits", lambda *args: False))
+    stack.enter_context(mock.patch.object(Policy, "weight_compression", lambda self: CompressionConfig(
+        self.compress_bits, self.compress_group_size, dim=0) if self.compress_weight else None))
+    return stack
+
+
+def score(model: str, sequences: torch.Tensor, offload: str, dtype: str, flexgen_grouping_: bool = False,
+          **policy) -> torch.Tensor:
     """Per-position logits (N, T-1, vocab) for predicting tokens 1..T-1 of each sequence."""
-    engine = Engine.from_pretrained(model, policy=Policy(gpu_batch_size=len(sequences), **policy),
-                                    offload_dir=offload, dtype=dtype)
+    with flexgen_grouping() if flexgen_grouping_ else contextlib.nullcontext():
+        engine = Engine.from_pretrained(model, policy=Policy(gpu_batch_size=len(sequences), **policy),
+                                        offload_dir=offload, dtype=dtype)
     try:
         _, logits = engine.generate(sequences[:, :1].tolist(), max_new_tokens=sequences.shape[1] - 1,
                                     force_tokens=sequences[:, 1:], return_logits=True)

@@ -56,7 +56,7 @@ def run_engine(args, gbs: int, ngb: int, roofline: dict) -> dict:
            "prompt_len": args.prompt_len, "gen_len": args.gen_len, "percent": args.percent,
            "compress_weight": args.compress_weight, "compress_cache": args.compress_cache,
            "dtype": dtype, "dtype_requested": args.dtype, "dtype_reason": engine.kernels["dtype_reason"],
-           "page_cache_dropped": dropped, **{k: s[k] for k in (
+           "compressed_linear": engine.kernels.get("compressed_linear"), "page_cache_dropped": dropped, **{k: s[k] for k in (
                "prefill_latency_s", "prefill_throughput", "decode_latency_s", "decode_throughput",
                "total_throughput", "io_wait_s", "peak_rss_bytes")},
            "prefill_tflops": pf / s["prefill_latency_s"] / 1e12,

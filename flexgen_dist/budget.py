@@ -15,6 +15,7 @@ import psutil
 import torch
 
 from .compression import compressed_nbytes
+from .int4 import weight_parts
 from .errors import FlexGenError
 from .models.base import Layer
 from .policy import Policy, Tier, assign_weight_tiers, split_rows
@@ -64,7 +65,7 @@ def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is
 
     def stored(w) -> int:
         if compression is not None and w.compressible:
-            return compressed_nbytes(w.shape, dtype, compression)
+            return sum(weight_parts(w.shape, dtype, compression))
         return torch.Size(w.shape).numel() * _elem(dtype)
 
     plan, homes, in_flight, disk_reads = Plan(), {}, [], []

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .compression import compressed_nbytes
+from .int4 import weight_parts
 from .hardware import (DECODE_CONTEXT, PREFILL_TOKENS, HardwareProfile, disk_key, dtype_name, layer_key, layer_kind,
                        overhead_key)
 from .models.base import BLOCK, Layer
@@ -79,7 +80,7 @@ def elem(dtype: torch.dtype) -> int:
 def stored_bytes(layer: Layer, policy: Policy, dtype: torch.dtype) -> list[int]:
     """Each weight's bytes as stored (compressed where the policy compresses it)."""
     config = policy.weight_compression()
-    return [compressed_nbytes(w.shape, dtype, config) if config and w.compressible
+    return [sum(weight_parts(w.shape, dtype, config)) if config and w.compressible
             else torch.Size(w.shape).numel() * elem(dtype) for w in layer.weights]
 
 

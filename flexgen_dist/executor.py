@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from .compression import CompressedTensor
-from .kernels import can_pack, pack_linear_weight
+from .int4 import Int4Weight
+from .kernels import can_pack, int4_for_device, pack_linear_weight, use_int4
 from .kvcache import KVCache
 from .memory import (Devices, ReadSlab, WeightHome, nbytes, read_file, share_one_allocator_arena, to_device,
                      trim_allocator, write_file)
@@ -127,10 +128,14 @@ class LocalExecutor:
 
     def _home(self, store: TensorStore, name: str, tier: Tier, only_linear: bool) -> WeightHome:
         home = WeightHome(name, tier, store.nbytes(name), store)
+        # a tied embedding is also looked up: it needs the dense tensor, so it is dequantized
+        home.keep_int4 = only_linear and self.policy.compress_weight and use_int4(self.devices.compute, self.dtype)
         if tier is not Tier.DISK:
             value = store.read(name)
             device = self.devices.device_of(tier)
-            if isinstance(value, CompressedTensor):
+            if isinstance(value, Int4Weight) and home.keep_int4 and device == self.devices.compute:
+                home.value = int4_for_device(value, device)  # in the kernel's form once, not per step
+            elif isinstance(value, (CompressedTensor, Int4Weight)):
                 home.value = value.to(device)
             elif only_linear and device == self.devices.compute and can_pack(device, self.dtype):
                 home.value = pack_linear_weight(value, self.policy.gpu_batch_size)
@@ -179,7 +184,7 @@ class LocalExecutor:
         loaded = list(_WEIGHT_READERS.map(lambda home: home.load(self.devices, alloc), homes))
         tensors = {w.key: t for w, t in zip(specs, loaded)}
         # what this use materialised on the compute device: read, copied or decompressed tensors
-        moved = sum(t.numel() * t.element_size() for t, home in zip(loaded, homes) if t is not home.value)
+        moved = sum(t.nbytes for t, home in zip(loaded, homes) if t is not home.value)
         self.devices.usage[Tier.COMPUTE].add(moved)
         return LoadedWeights(tensors, moved)
 

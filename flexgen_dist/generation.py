@@ -84,6 +84,8 @@ class Engine:
         self.ctx, self.ring, self.micro_batches, self.stage = ctx, ring, micro_batches, stage
         self.kernels = {"dtype": str(self.dtype).split(".")[-1], "dtype_reason": dtype.reason,
                         "linear": kernels.describe(devices.compute, self.dtype)}
+        if policy.compress_weight:
+            self.kernels["compressed_linear"] = kernels.describe_int4(devices.compute, self.dtype)
         self.last_stats = GenerationStats()
         self.last_stop: list[int] = []
         self.last_batch = None  # what the last generate_batch did (batch.BatchInfo)

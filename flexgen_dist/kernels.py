@@ -4,6 +4,11 @@ On a CPU, oneDNN's bf16 matmul re-lays out ("packs") the weight on every call; f
 of a decode step that costs more than the product itself. Weights that stay resident are packed
 once at placement, where the probe found the packing op works on this CPU, and `linear`
 dispatches on whether it got a packed weight.
+
+Compressed matmul weights arrive as `Int4Weight`s where the probe found an int4 kernel that works
+and pays here (`probe.int4_choice`): a decode step multiplies from the 4-bit codes, never
+materialising the dense weight; a step with many rows (prefill) dequantizes and multiplies dense,
+which is faster there (benchmark/RESULTS.md, "Packed int4 weights").
 """
 from __future__ import annotations
 
@@ -11,6 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from . import probe
+from .int4 import Int4Weight, dequantize_int4
+
+# above this many rows a CPU product dequantizes and multiplies dense: measured on AMX and AVX-512
+# CPUs, the int4 kernel's time grows with the rows while a dense bf16 product's hardly does
+INT4_MAX_ROWS = 32
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -22,8 +32,35 @@ def pack_linear_weight(w: torch.Tensor, rows_hint: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w, rows_hint)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, for plain or packed weights (same results, bit for bit, in bf16)."""
+def use_int4(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether compressed linear weights stay packed for an int4 kernel on `device`."""
+    return probe.int4_choice(device.type, dtype).use
+
+
+def int4_for_device(w: Int4Weight, device: torch.device) -> Int4Weight:
+    """`w` moved to `device`, in the form its int4 kernel reads (the store's CPU form unchanged on a
+    CPU; tinygemm's form on a GPU, converted here once per placement or load)."""
+    if w.device == device and (device.type == "cpu" or w.form == "cuda"):
+        return w  # already there: the resident weight itself, so the executor counts no copy
+    w = w.to(device, non_blocking=w.data.is_pinned())
+    return probe.int4_to_cuda_form(w) if device.type == "cuda" else w
+
+
+def int4_linear(x: torch.Tensor, w: Int4Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ b) from the packed codes; dense after dequantizing for many rows on a CPU."""
+    n, k = w.shape
+    rows = x.numel() // k
+    if w.form == "cpu" and rows > INT4_MAX_ROWS:
+        return F.linear(x, dequantize_int4(w), b)
+    y = probe.int4_mm(x.reshape(rows, k).contiguous(), w)
+    y = (y if y.shape[1] == n else y[:, :n]).reshape(*x.shape[:-1], n)
+    return y if b is None else y + b
+
+
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, for plain, packed (same results, bit for bit, in bf16) or int4 weights."""
+    if isinstance(w, Int4Weight):
+        return int4_linear(x, w, b)
     if w.is_mkldnn:
         return probe.linear_packed(x, w, b)
     return F.linear(x, w, b)
@@ -34,3 +71,12 @@ def describe(device: torch.device, dtype: torch.dtype) -> str:
     if can_pack(device, dtype):
         return "oneDNN prepacked bf16"
     return "F.linear"
+
+
+def describe_int4(device: torch.device, dtype: torch.dtype) -> str:
+    """What compressed linear weights do, for the run report."""
+    choice = probe.int4_choice(device.type, dtype)
+    if not choice.use:
+        return f"dequantize + dense ({choice.reason})"
+    tail = f", dequantize + dense above {INT4_MAX_ROWS} rows" if device.type == "cpu" else ""
+    return f"packed int4 matmul ({choice.reason}){tail}"

@@ -253,18 +253,27 @@ class WeightHome:
     tier: Tier
     nbytes: int
     store: object  # the TensorStore it comes from
-    value: object = None  # resident tensor or CompressedTensor
+    value: object = None  # resident tensor, CompressedTensor or Int4Weight
+    keep_int4: bool = False  # an Int4Weight reaches the math packed (only for linear-only weights)
 
-    def load(self, devices: Devices, alloc=None) -> torch.Tensor:
-        """This weight on the compute device, decompressed there if it is stored compressed; disk
-        reads land in buffers from `alloc` when given (see ReadSlab)."""
+    def load(self, devices: Devices, alloc=None):
+        """This weight on the compute device: decompressed there if it is stored compressed, except
+        an Int4Weight with `keep_int4`, which stays packed; disk reads land in buffers from `alloc`
+        when given (see ReadSlab)."""
         value = self.store.read(self.name, alloc) if self.tier is Tier.DISK else self.value
-        return materialize(value, devices.compute)
+        return materialize(value, devices.compute, self.keep_int4)
 
 
-def materialize(value, device: torch.device) -> torch.Tensor:
-    """A plain tensor on `device` from a tensor or a CompressedTensor (decompressed on `device`)."""
+def materialize(value, device: torch.device, keep_int4: bool = False):
+    """A plain tensor on `device` from a tensor, a CompressedTensor or an Int4Weight (decompressed
+    on `device`); with `keep_int4`, an Int4Weight in the form `device`'s int4 kernel reads."""
     from .compression import CompressedTensor, dequantize
+    from .int4 import Int4Weight, dequantize_int4
+    from .kernels import int4_for_device
+    if isinstance(value, Int4Weight):
+        if keep_int4:
+            return int4_for_device(value, device)
+        return dequantize_int4(value.to(device, non_blocking=value.data.is_pinned()))
     if isinstance(value, CompressedTensor):
         return dequantize(value.to(device, non_blocking=value.data.is_pinned()))
     return to_device(value, device)

@@ -59,8 +59,9 @@ class Policy:
     """Values per compression group (each with its own minimum and step)."""
 
     def weight_compression(self) -> CompressionConfig | None:
-        """Weights are grouped along their first dimension (output channels), as FlexGen does."""
-        return CompressionConfig(self.compress_bits, self.compress_group_size, dim=0) if self.compress_weight else None
+        """Weights are grouped along their input dimension (dim 1), as the int4 matmul kernels read
+        them (FlexGen groups output channels, dim 0; benchmark/RESULTS.md compares the two)."""
+        return CompressionConfig(self.compress_bits, self.compress_group_size, dim=1) if self.compress_weight else None
 
     def cache_compression(self) -> CompressionConfig | None:
         """The cache is grouped along head_dim (set per layer; dim here is a placeholder)."""

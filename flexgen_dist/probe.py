@@ -5,13 +5,19 @@ an AVX2-only CPU it has no bf16 path at all (a bf16 matmul falls back to a scala
 slower) and its weight-packing op raises. So the CPU dtype is chosen by a short timed probe on the
 model's shapes, and the packed-weight fast path by trying the packing op once.
 
-Both answers can be forced for tests and for users who know better, through environment variables:
-`FLEXGEN_CPU_BF16=0|1` (treat bf16 as slow / fast) and `FLEXGEN_CPU_PACK=0|1` (never pack / pack
-when the op works). Results are cached per process.
+Compressed (4-bit) matmul weights are multiplied from their packed codes where PyTorch's int4
+kernel for the device exists, runs for the dtype, matches the dequantized product and (on a CPU)
+beats dequantize + dense at decode shapes; see `int4_choice`.
+
+The answers can be forced for tests and for users who know better, through environment variables:
+`FLEXGEN_CPU_BF16=0|1` (treat bf16 as slow / fast), `FLEXGEN_CPU_PACK=0|1` (never pack / pack
+when the op works) and `FLEXGEN_INT4=0|1` (never use the int4 kernel / use it whenever it works
+and matches, fast or not). Results are cached per process.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import time
@@ -20,8 +26,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .int4 import Int4Weight, _from_layout, dequantize_int4, quantize_int4
+
 BF16_ENV = "FLEXGEN_CPU_BF16"
 PACK_ENV = "FLEXGEN_CPU_PACK"
+INT4_ENV = "FLEXGEN_INT4"
+INT4_PROBE_ROWS = 8  # a decode step's rows: the shape the int4 kernel is for
+INT4_PROBE_DIM = 2048  # large enough that the weight, not call overhead, sets the time
 PROBE_ROWS = 32  # between a decode step's rows and a prefill's: both must win for bf16 to pay
 PROBE_MIN_DIM = 1024  # smaller products are dominated by call overhead, not by the dtype
 PROBE_MAX_DIM = 2048  # larger layers behave like this one; the probe must stay well under 1 s
@@ -166,3 +177,90 @@ def slow_bf16_warning(dim: int) -> str | None:
         return None
     return (f"warning: this CPU has no fast bf16 path: a bf16 matmul measured {1 / speedup:.0f}x slower "
             "than float32 here; --dtype auto (or float32) is faster")
+
+
+# ----- packed int4 matmul ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Int4Choice:
+    """Whether compressed linear weights are multiplied packed, and why."""
+
+    use: bool
+    reason: str
+
+
+_INT4_OPS = {"cpu": ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu"),
+             "cuda": ("_convert_weight_to_int4pack", "_weight_int4pack_mm")}
+
+
+def _int4_op(device_type: str, which: int):
+    name = _INT4_OPS[device_type][which]
+    return getattr(torch.ops.aten, name)
+
+
+def int4_mm(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    """x (rows, K) @ w.T from an Int4Weight's packed codes: (rows, padded N)."""
+    return _int4_op(w.form, 1)(x, w.data, w.group_size, w.scales_zeros)
+
+
+def int4_to_cuda_form(w: Int4Weight) -> Int4Weight:
+    """A CPU-form Int4Weight on a GPU -> tinygemm's form (codes two per byte, even k in the high nibble)."""
+    codes = _from_layout(w.data, w.shape[1], torch.uint8)
+    packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
+    k = w.shape[1]
+    tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+    return dataclasses.replace(w, data=_int4_op("cuda", 0)(packed.contiguous(), tiles), form="cuda")
+
+
+def _int4_trial(device: torch.device, dtype: torch.dtype, n: int, k: int):
+    """An int4 weight and activations of this shape on `device`, and the dense product to match."""
+    g = torch.Generator().manual_seed(0)
+    w = quantize_int4((torch.randn(n, k, generator=g) * 0.02).to(dtype), 64)
+    x = torch.randn(INT4_PROBE_ROWS, k, generator=g).to(dtype)
+    dense = dequantize_int4(w)
+    w = w.to(device) if device.type == "cpu" else int4_to_cuda_form(w.to(device))
+    return w, x.to(device), dense.to(device)
+
+
+def _int4_matches(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if the int4 kernel runs here for `dtype` and gives the dequantized product; else why not."""
+    try:
+        w, x, dense = _int4_trial(device, dtype, 128, 256)
+        got = int4_mm(x, w)[:, :128].float()
+    except (RuntimeError, AttributeError, NotImplementedError, StopIteration) as e:
+        return f"the int4 kernel fails here: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}"
+    want = (x @ dense.T).float()
+    tol = (1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4) * want.abs().max().item()
+    if not (got - want).abs().max().item() <= tol:
+        return "the int4 kernel's product differs from the dequantized one"
+    return None
+
+
+def int4_speedup(dtype: torch.dtype) -> float:
+    """(dequantize + dense) time / int4 kernel time for a decode step's product on this CPU."""
+    w, x, _ = _int4_trial(torch.device("cpu"), dtype, INT4_PROBE_DIM, INT4_PROBE_DIM)
+    with _one_thread():
+        packed_s, dense_s = _best_times([lambda: int4_mm(x, w), lambda: F.linear(x, dequantize_int4(w))], rounds=3)
+    return dense_s / packed_s
+
+
+@functools.lru_cache(maxsize=None)
+def int4_choice(device_type: str, dtype: torch.dtype) -> Int4Choice:
+    """Packed int4 matmul where the kernel exists, runs for `dtype`, matches the dequantized
+    product and (on a CPU, unless FLEXGEN_INT4=1) beats dequantize + dense for a decode step."""
+    forced = _forced(INT4_ENV)
+    if forced is False:
+        return Int4Choice(False, f"forced by {INT4_ENV}={os.environ[INT4_ENV]}")
+    if device_type not in _INT4_OPS or not hasattr(torch.ops.aten, _INT4_OPS[device_type][1]):
+        return Int4Choice(False, f"this PyTorch has no int4 kernel for {device_type}")
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    why_not = _int4_matches(device, dtype)
+    if why_not is not None:
+        return Int4Choice(False, why_not)
+    if forced:
+        return Int4Choice(True, f"forced by {INT4_ENV}={os.environ[INT4_ENV]}")
+    if device_type == "cuda":
+        return Int4Choice(True, "tinygemm int4 kernel")
+    speedup = int4_speedup(dtype)
+    if speedup > 1.1:
+        return Int4Choice(True, f"{speedup:.1f}x faster than dequantize + dense for a decode step")
+    return Int4Choice(False, f"int4 kernel only {speedup:.2f}x the speed of dequantize + dense here")

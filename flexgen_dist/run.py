@@ -174,8 +174,11 @@ def finish(args, engine: Engine, stages: list[dict], prediction: dict) -> None:
     print(report(stats))
     for line in prediction.get("lines", []):
         print(line, file=sys.stderr if line.startswith("warning") else sys.stdout)
-    print(f"compute: {engine.devices.compute}, dtype {engine.kernels['dtype']} ({engine.kernels['dtype_reason']}), "
-          f"linear layers: {engine.kernels['linear']}")
+    kernels = engine.kernels
+    linear = f"linear layers: {kernels['linear']}"
+    if "compressed_linear" in kernels:
+        linear += f"; 4-bit linear layers: {kernels['compressed_linear']}"
+    print(f"compute: {engine.devices.compute}, dtype {kernels['dtype']} ({kernels['dtype_reason']}), {linear}")
     print(f"requests: {info.requests} ({info.skipped} already done, {info.errors} errors) in {info.blocks} blocks; "
           f"padding {info.padding_unbucketed:.1%} in input order, {info.padding:.1%} as run; "
           f"load {max(s['load_s'] for s in stages):.2f} s")

@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from .budget import require_disk_space
-from .compression import CompressedTensor, CompressionConfig, compressed_parts, quantize
+from . import int4
+from .compression import CompressedTensor, CompressionConfig, quantize
 from .memory import DamagedFile, StoreError, nbytes, padded, read_file, write_file
 from .models import ModelError, ModelSpec, builtin_spec, family_of, spec_from_dir
 from .models.base import WeightSpec
@@ -28,7 +29,7 @@ from .models.base import WeightSpec
 MANIFEST = "manifest.json"
 # FLEXGEN_VERIFY_STORE=0 skips the checksum of each file's first read (measured cost: benchmark/RESULTS.md)
 VERIFY_ENV = "FLEXGEN_VERIFY_STORE"
-STORE_VERSION = 3  # 3: per-file XXH3 checksums in the manifest
+STORE_VERSION = 4  # 3: per-file XXH3 checksums in the manifest; 4: 4-bit weights in the int4 kernel layout
 
 
 class DummySource:
@@ -212,7 +213,8 @@ class TensorStore:
     """One file per tensor (padded for O_DIRECT) plus a manifest; the manifest is written last, so a
     conversion that died leaves tensors the manifest does not list, and they are converted again.
     With `compression`, matmul weights are stored packed: codes in `NAME.q.bin`, the per-group
-    minimum and step in `NAME.s.bin`."""
+    scales in `NAME.s.bin`; 4-bit weights that fit it in the CPU int4 kernel's layout (`int4.py`,
+    read back as an Int4Weight, no repack), others as a CompressedTensor (min and step per group)."""
 
     def __init__(self, root: str, fingerprint: str, dtype: torch.dtype,
                  compression: CompressionConfig | None = None, rebuild: bool = False):
@@ -316,7 +318,7 @@ class TensorStore:
         elem = torch.empty((), dtype=self.dtype).element_size()
         if self.compression is None or not spec.compressible:
             return [padded(torch.Size(spec.shape).numel() * elem)]
-        return [padded(n) for n in compressed_parts(spec.shape, self.dtype, self.compression)]
+        return [padded(n) for n in int4.weight_parts(spec.shape, self.dtype, self.compression)]
 
     def _check_free_space(self, missing: list[WeightSpec]) -> None:
         require_disk_space(sum(sum(self.file_sizes(s)) for s in missing), self.root, "converting the weight store")
@@ -327,12 +329,17 @@ class TensorStore:
         if self.compression is None or not spec.compressible:
             entry["xxh3"] = {"raw": write_file(os.path.join(self.root, spec.name + ".bin"), t)}
             return entry
-        c = quantize(t, self.compression)
-        scales = torch.stack([c.mins, c.steps])
-        entry["xxh3"] = {"codes": write_file(os.path.join(self.root, spec.name + ".q.bin"), c.data),
+        config = self.compression
+        if int4.fits(spec.shape, config.num_bits, config.group_size):
+            q = int4.quantize_int4(t, config.group_size)
+            codes, scales, layout = q.data, q.scales_zeros, "int4"
+        else:
+            c = quantize(t, config)
+            codes, scales, layout = c.data, torch.stack([c.mins, c.steps]), "groups"
+        entry["xxh3"] = {"codes": write_file(os.path.join(self.root, spec.name + ".q.bin"), codes),
                           "scales": write_file(os.path.join(self.root, spec.name + ".s.bin"), scales)}
-        entry["packed"] = {"codes": list(c.data.shape), "scales": list(scales.shape),
-                           "nbytes": [nbytes(c.data), nbytes(scales)]}
+        entry["packed"] = {"codes": list(codes.shape), "scales": list(scales.shape), "layout": layout,
+                           "nbytes": [nbytes(codes), nbytes(scales)]}
         return entry
 
     def _open_or_reset(self) -> None:
@@ -402,7 +409,11 @@ class TensorStore:
                 codes = read_file(files["codes"], packed["nbytes"][0], alloc, digests.get("codes")).view(packed["codes"])
                 scales = read_file(files["scales"], packed["nbytes"][1], alloc, digests.get("scales"))
                 scales = scales.view(self.dtype).view(packed["scales"])
-                value = CompressedTensor(codes, scales[0], scales[1], tuple(entry["shape"]), self.compression)
+                shape = tuple(entry["shape"])
+                if packed["layout"] == "int4":
+                    value = int4.Int4Weight(codes, scales, shape, self.compression.group_size)
+                else:
+                    value = CompressedTensor(codes, scales[0], scales[1], shape, self.compression)
         except DamagedFile as e:
             raise StoreError(f"{e}; rerun with --rebuild-store, or delete {self.root}") from None
         self._verified.add(name)

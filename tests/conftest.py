@@ -120,3 +120,37 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
     if session.exitstatus == 0:  # a passing suite leaves its temp dir empty (converted models are ~1 GB)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _force_int4(monkeypatch, on: bool):
+    from flexgen_dist import probe
+    monkeypatch.setenv(probe.INT4_ENV, "1" if on else "0")  # also seen by ranks mpirun starts
+    probe.int4_choice.cache_clear()
+    return probe.int4_choice.cache_clear  # to call at teardown: no later test inherits the answer
+
+
+@pytest.fixture(params=["packed", "dense"])
+def int4_mode(request, monkeypatch):
+    """Both outcomes of the int4 probe on every CPU: compressed linear weights multiplied from the
+    packed codes (forced on where the kernel works) or dequantized first (forced off)."""
+    clear = _force_int4(monkeypatch, request.param == "packed")
+    yield request.param
+    clear()
+
+
+@pytest.fixture
+def packed_int4(monkeypatch):
+    """Compressed linear weights multiplied from the packed codes wherever the kernel works."""
+    clear = _force_int4(monkeypatch, True)
+    yield
+    clear()
+
+
+def count_int4_products(monkeypatch) -> list:
+    """A list that gets the rows of every product the model math computes with a packed int4
+    weight from here on (the probe's own trial products are not counted)."""
+    from flexgen_dist import kernels
+    calls, original = [], kernels.int4_linear
+    monkeypatch.setattr(kernels, "int4_linear", lambda x, w, b=None: calls.append(x.numel() // w.shape[1])
+                        or original(x, w, b))
+    return calls

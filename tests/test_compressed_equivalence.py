@@ -5,9 +5,10 @@ import re
 import pytest
 import torch
 
-from conftest import PROMPTS
-from flexgen_dist import Engine, Policy
+from conftest import PROMPTS, count_int4_products
+from flexgen_dist import Engine, Policy, kernels
 from flexgen_dist.compression import CompressionConfig, fake_quantize
+from flexgen_dist.int4 import fake_quantize_weight
 from flexgen_dist.kvcache import KVCache
 from test_equivalence import PLACEMENTS
 
@@ -18,9 +19,11 @@ COMPRESSED = re.compile(r"(proj|fc1|fc2|embed_tokens|embed_positions|project_in|
 
 @pytest.fixture(scope="module")
 def fake_quantized_checkpoint(opt_checkpoint, tmp_path_factory):
-    """The same model with every compressed weight replaced by its quantize -> dequantize image."""
+    """The same model with every compressed weight replaced by its quantize -> dequantize image in
+    the layout the store keeps (the int4 kernel's where the shape fits it)."""
     path, model = opt_checkpoint
-    state = {k: (fake_quantize(v, CompressionConfig(4, 64, 0)) if COMPRESSED.search(k) else v)
+    weight_config = Policy(compress_weight=True).weight_compression()
+    state = {k: (fake_quantize_weight(v, weight_config) if COMPRESSED.search(k) else v)
              for k, v in model.state_dict().items()}
     clone = type(model)(model.config).eval()
     clone.load_state_dict(state)
@@ -68,19 +71,33 @@ def assert_same(run, ref):
         torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
 
 
+def assert_int4_path(mode, calls):
+    """The packed run multiplied decode steps from the codes (products of at most INT4_MAX_ROWS
+    rows take the kernel); the dequantizing run never kept a weight packed."""
+    if mode == "packed":
+        assert calls and min(calls) <= kernels.INT4_MAX_ROWS
+    else:
+        assert not calls
+
+
 @pytest.mark.parametrize("placement", list(PLACEMENTS))
-def test_compressed_placements_match_fake_quantized_reference(opt_checkpoint, reference, placement, tmp_path):
+def test_compressed_placements_match_fake_quantized_reference(opt_checkpoint, reference, placement, tmp_path,
+                                                              int4_mode, monkeypatch):
     path, _ = opt_checkpoint
+    calls = count_int4_products(monkeypatch)
     run = generate(path, tmp_path, **PLACEMENTS[placement], compress_weight=True, compress_cache=True)
     assert_same(run, reference["both"])
+    assert_int4_path(int4_mode, calls)
 
 
 @pytest.mark.parametrize("which", ["weights", "cache"])
-def test_weight_or_cache_compression_alone(opt_checkpoint, reference, which, tmp_path):
+def test_weight_or_cache_compression_alone(opt_checkpoint, reference, which, tmp_path, int4_mode, monkeypatch):
     path, _ = opt_checkpoint
+    calls = count_int4_products(monkeypatch)
     run = generate(path, tmp_path, percent=[30, 30, 40, 30, 100, 0], gpu_batch_size=2, num_gpu_batches=3,
                    compress_weight=which == "weights", compress_cache=which == "cache")
     assert_same(run, reference[which])
+    assert_int4_path(int4_mode if which == "weights" else "dense", calls)
 
 
 def test_compression_changes_the_output(opt_checkpoint, reference, tmp_path):

@@ -13,7 +13,7 @@ from test_equivalence import PLACEMENTS
 from test_pipeline import MPIRUN, run_pipeline_job
 
 from flexgen_dist import Engine, Policy
-from flexgen_dist.compression import CompressionConfig, fake_quantize
+from flexgen_dist.int4 import fake_quantize_weight
 from flexgen_dist.errors import FlexGenError
 from flexgen_dist.models import (
     builtin_spec,
@@ -96,11 +96,14 @@ COMPRESSED = re.compile(r"(proj|embed_tokens|lm_head)\.weight$")
 
 @pytest.mark.parametrize("variant", ["llama3-tied", "qwen2", "qwen3"])
 @pytest.mark.parametrize("placement", ["all-compute", "weights-3-tiers", "cache-disk"])
-def test_compressed_weights_match_the_fake_quantized_checkpoint(checkpoints, variant, placement, tmp_path):
+def test_compressed_weights_match_the_fake_quantized_checkpoint(checkpoints, variant, placement, tmp_path,
+                                                                 int4_mode):
     """Weights already on the 4-bit grid are stored losslessly: a compressed run of them gives the
-    tokens and logits of an uncompressed run; and differs from the original model (the guard)."""
+    tokens and logits of an uncompressed run, multiplied packed or dequantized; and differs from
+    the original model (the guard)."""
     _, model, ref = checkpoints[variant]
-    state = {k: fake_quantize(v, CompressionConfig(4, 64, 0)) if COMPRESSED.search(k) else v
+    config = Policy(compress_weight=True).weight_compression()
+    state = {k: fake_quantize_weight(v, config) if COMPRESSED.search(k) else v
              for k, v in model.state_dict().items()}
     clone = type(model)(model.config).eval()
     clone.load_state_dict(state)

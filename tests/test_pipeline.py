@@ -100,7 +100,9 @@ def run_pipeline_job(path: str, runs: list[dict], ranks: int, tmp_path, new_toke
 @needs_mpi
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4])
-def test_every_rank_count_matches_single_rank_and_transformers(six_layers, ranks, tmp_path):
+def test_every_rank_count_matches_single_rank_and_transformers(six_layers, ranks, tmp_path, packed_int4):
+    """4-bit weights are multiplied packed (forced on where the kernel works, in every rank and in
+    the single-rank reference; test_compressed_equivalence compares that with dense)."""
     path, model = six_layers
     if "post_ln" in path and ranks in (1, 4):
         pytest.skip("the post-LN layout runs on 2 and 3 ranks; 1-4 ranks are covered with pre-LN")

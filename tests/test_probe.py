@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from conftest import PROMPTS, reference_generate
+from conftest import PROMPTS, count_int4_products, reference_generate
 from flexgen_dist import Engine, Policy, kernels, probe
 from flexgen_dist.run import main
 
 
-CACHED = (probe.pack_supported, probe.bf16_speedup)
+CACHED = (probe.pack_supported, probe.bf16_speedup, probe.int4_choice)
 
 
 @pytest.fixture(autouse=True)
@@ -18,6 +18,7 @@ def fresh_probe(monkeypatch):
     """No forcing inherited from the environment, and no answers cached by an earlier test."""
     monkeypatch.delenv(probe.BF16_ENV, raising=False)
     monkeypatch.delenv(probe.PACK_ENV, raising=False)
+    monkeypatch.delenv(probe.INT4_ENV, raising=False)
     for fn in CACHED:
         fn.cache_clear()
     yield
@@ -117,3 +118,68 @@ def test_report_and_log_name_the_probed_dtype(tmp_path, monkeypatch, capsys):
     assert "dtype float32 (forced by FLEXGEN_CPU_BF16=0), linear layers: F.linear" in out
     record = json.loads(log.read_text())
     assert (record["dtype"], record["linear"]) == ("float32", "F.linear")
+
+
+# ----- packed int4 matmul --------------------------------------------------------------------
+def compressed_tokens(path, tmp_path, dtype="float32"):
+    policy = Policy(gpu_batch_size=5, compress_weight=True)
+    with Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path, dtype=dtype) as engine:
+        return engine.kernels["compressed_linear"], engine.generate(PROMPTS, max_new_tokens=6)
+
+
+@pytest.mark.parametrize("failure", ["raise", "wrong"])
+def test_int4_falls_back_to_dequantizing_when_the_kernel_fails(opt_checkpoint, tmp_path, monkeypatch, failure):
+    """A kernel that raises (no int4 path for this CPU or dtype) or computes something else is not
+    used even when forced on: the run dequantizes and gives the tokens of a run forced off."""
+    monkeypatch.setenv(probe.INT4_ENV, "0")
+    off_kernels, expected = compressed_tokens(opt_checkpoint[0], tmp_path / "off")
+    assert off_kernels == "dequantize + dense (forced by FLEXGEN_INT4=0)"
+
+    def broken(x, w, group_size, scales_zeros):
+        if failure == "raise":
+            raise RuntimeError("_weight_int4pack_mm_cpu: expect A to be either 32-bit or 16-bit float tensor.")
+        return torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype)
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", broken)
+    monkeypatch.setenv(probe.INT4_ENV, "1")
+    probe.int4_choice.cache_clear()
+    calls = count_int4_products(monkeypatch)
+    described, tokens = compressed_tokens(opt_checkpoint[0], tmp_path / "on")
+    why = "fails here" if failure == "raise" else "differs from the dequantized one"
+    assert described.startswith("dequantize + dense (the int4 kernel") and why in described
+    assert not calls
+    assert torch.equal(tokens, expected)
+
+
+def test_int4_choice_follows_the_measurement(monkeypatch):
+    monkeypatch.setattr(probe, "int4_speedup", lambda dtype: 0.5)
+    assert not probe.int4_choice("cpu", torch.float32).use
+    probe.int4_choice.cache_clear()
+    monkeypatch.setattr(probe, "int4_speedup", lambda dtype: 4.0)
+    choice = probe.int4_choice("cpu", torch.float32)
+    assert choice.use and "4.0x faster" in choice.reason
+    assert not probe.int4_choice("mps", torch.float32).use  # no kernel wired for that device
+
+
+def test_forced_int4_in_bf16_stays_close_to_dequantizing(opt_checkpoint, tmp_path, monkeypatch):
+    """The AMX/AVX-512 outcome in its own dtype: packed and dequantized bf16 products differ only
+    in summation order, so the first token of every prompt agrees."""
+    monkeypatch.setenv(probe.BF16_ENV, "1")
+    runs = {}
+    for forced in ("1", "0"):
+        monkeypatch.setenv(probe.INT4_ENV, forced)
+        probe.int4_choice.cache_clear()
+        runs[forced] = compressed_tokens(opt_checkpoint[0], tmp_path / forced, dtype="auto")
+    if not runs["1"][0].startswith("packed int4"):
+        pytest.skip(f"no bf16 int4 kernel on this CPU: {runs['1'][0]}")
+    width = max(map(len, PROMPTS))
+    assert torch.equal(runs["1"][1][:, :width + 1], runs["0"][1][:, :width + 1])
+
+
+def test_report_names_the_compressed_linear_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(probe.BF16_ENV, "0")
+    monkeypatch.setenv(probe.INT4_ENV, "0")
+    log = tmp_path / "log.jsonl"
+    assert main(["--model", "opt-125m", "--dummy-weights", "--prompt-len", "4", "--gen-len", "2", "--compress-weight",
+                 "--offload-dir", str(tmp_path), "--log-file", str(log)]) == 0
+    assert "4-bit linear layers: dequantize + dense (forced by FLEXGEN_INT4=0)" in capsys.readouterr().out
+    assert json.loads(log.read_text())["compressed_linear"] == "dequantize + dense (forced by FLEXGEN_INT4=0)"

@@ -1,0 +1,62 @@
+"""The packed int4 layout: what the CPU kernel reads, within half a step of the weight, and the
+dispatch between the kernel (few rows) and dequantize + dense (many rows)."""
+import pytest
+import torch
+
+from flexgen_dist import kernels, probe
+from flexgen_dist.compression import CompressionConfig
+from flexgen_dist.int4 import Int4Weight, _to_layout, dequantize_int4, padded_rows, quantize_int4, weight_parts
+
+HAS_CPU_KERNEL = hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="this PyTorch has no CPU int4 kernel")
+@pytest.mark.parametrize("rows", [64, 192])
+def test_layout_is_the_one_the_cpu_conversion_op_writes(rows):
+    codes = torch.randint(0, 16, (rows, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
+    expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 2)
+    assert torch.equal(_to_layout(codes), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_within_half_a_step_and_padding_rows_are_zero(dtype):
+    w = (torch.randn(100, 256, generator=torch.Generator().manual_seed(0)) * 0.05).to(dtype)
+    q = quantize_int4(w, 64)
+    assert q.data.shape == (padded_rows(100), 128) and q.scales_zeros.shape == (4, 128, 2)
+    assert q.nbytes == sum(weight_parts((100, 256), dtype, CompressionConfig(4, 64, 1)))
+    step = q.scales_zeros[..., 0].T[:100].float().repeat_interleave(64, dim=1)
+    err = (dequantize_int4(q).float() - w.float()).abs()
+    # in bf16, (code - 8) * scale and the sum with zero are each rounded to the dtype
+    rounding = 0 if dtype == torch.float32 else (w.float().abs() + 8 * step) * 2 ** -8
+    assert (err <= step / 2 + rounding + 1e-7).all()
+    assert not q.scales_zeros[:, 100:].any()
+
+
+def test_weights_on_the_grid_come_back_exactly():
+    """A weight that already went through quantization gets the same codes again, and its values
+    back to float32 rounding (what the equivalence tests rely on)."""
+    first = quantize_int4(torch.randn(64, 128, generator=torch.Generator().manual_seed(1)), 32)
+    grid = dequantize_int4(first)
+    again = quantize_int4(grid, 32)
+    assert torch.equal(again.data, first.data)
+    torch.testing.assert_close(dequantize_int4(again), grid, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="this PyTorch has no CPU int4 kernel")
+@pytest.mark.parametrize("rows", [1, kernels.INT4_MAX_ROWS, kernels.INT4_MAX_ROWS + 1])
+def test_few_rows_use_the_kernel_and_many_dequantize(rows, monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    w, b = quantize_int4(torch.randn(96, 128, generator=g), 64), torch.randn(96, generator=g)
+    x = torch.randn(1, rows, 128, generator=g)
+    calls, original = [], probe.int4_mm
+    monkeypatch.setattr(probe, "int4_mm", lambda x, w: calls.append(x.shape) or original(x, w))
+    y = kernels.linear(x, w, b)
+    assert y.shape == (1, rows, 96)
+    torch.testing.assert_close(y, x @ dequantize_int4(w).T + b, atol=1e-4, rtol=1e-4)
+    assert calls == ([(rows, 128)] if rows <= kernels.INT4_MAX_ROWS else [])
+
+
+def test_cuda_form_cannot_be_dequantized():
+    w = quantize_int4(torch.randn(64, 64), 32)
+    with pytest.raises(ValueError, match="cuda form"):
+        dequantize_int4(Int4Weight(w.data, w.scales_zeros, w.shape, 32, form="cuda"))
