@@ -356,8 +356,13 @@ def _screened(model: Model, ranks: list[Rank], workload: Workload, num_prompts: 
     if len(ranks) == 1:
         yield from candidates(options, num_prompts, 1)
         return
-    slowest = min(ranks, key=lambda r: r.machine.profile.matmul_rate(options.dtypes[-1], 8, model.spec.hidden_size,
-                                                                     model.spec.hidden_size))
+    one_block = model.layers(0, 1, False, False, options.base.sep_layer)
+
+    def block_seconds(r: Rank) -> float:
+        prefill, decode, _ = stage_times(one_block, replace(options.base, gpu_batch_size=8), options.dtypes[-1],
+                                         r.machine, workload, model.spec.num_heads, model.spec.hidden_size)
+        return prefill + decode
+    slowest = max(ranks, key=block_seconds)
     pooled = Rank(slowest.machine, Budgets(sum(r.budgets.compute for r in ranks), sum(r.budgets.host for r in ranks),
                                            sum(r.budgets.disk for r in ranks)))
     scored = []
