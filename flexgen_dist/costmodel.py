@@ -28,6 +28,7 @@ from .models.base import BLOCK, Layer
 from .policy import Policy, assign_weight_tiers
 
 RESOURCES = ("compute", "disk", "link")
+UNMEASURED_DISK_RATE = 100e6  # bytes/s
 COMM_LATENCY_S = 2e-4  # one hidden-state message between ranks, beyond its bytes
 
 
@@ -59,8 +60,10 @@ class Machine:
     spec: object  # the model's spec (its per-layer fixed cost is measured per model shape)
 
     def disk_s(self, read: float, write: float) -> float:
-        return read / self.profile.rate(disk_key(self.offload_dir, "read")) + \
-            write / self.profile.rate(disk_key(self.offload_dir, "write"))
+        """Seconds for these bytes; a disk too full to measure is priced as a slow one."""
+        rates = self.profile.rates
+        return read / rates.get(disk_key(self.offload_dir, "read"), UNMEASURED_DISK_RATE) + \
+            write / rates.get(disk_key(self.offload_dir, "write"), UNMEASURED_DISK_RATE)
 
 
 @dataclass(frozen=True)

@@ -32,13 +32,14 @@ from .budget import MARGIN, host_available
 from .compression import CompressionConfig, dequantize, quantize
 from .memory import aligned_empty, read_file, write_file
 from .models.attention import attend
-from .models.base import HEAD
+from .models.base import BLOCK
 from .workdir import partial_file
 
 PROFILE_VERSION = 6
 MATMUL_ROWS = (1, 8, 32, 128, 512)  # rows of a product measured; others are interpolated
 MAX_FLOP_PER_CALL = 4e9  # bigger products are not timed beyond this size (the rate has saturated)
 DISK_PROBE_BYTES = 256 << 20
+MIN_DISK_PROBE_BYTES = 16 << 20
 GiB = 1 << 30
 
 
@@ -390,8 +391,9 @@ def profile_model(profile: HardwareProfile, device: torch.device, dtypes, spec, 
     """Every measurement the cost model needs for this model, on this machine, in these dtypes
     (only those not in the profile yet), then the profile saved."""
     layers = family.build_layers(spec, 0, 1, with_embed=True, with_head=True, sep_layer=True)
-    # block layers are measured whole (measure_layers); the head's product is priced from its rate
-    shapes = {(w.shape[1], w.shape[0]) for la in layers if la.part == HEAD for w in la.weights if w.linear}
+    # block layers are measured whole (measure_layers); the head's product (and a projection
+    # around the embedding, as OPT-350m has) are priced from their rates
+    shapes = {(w.shape[1], w.shape[0]) for la in layers if la.part != BLOCK for w in la.weights if w.linear}
     for dtype in dtypes:
         measure_matmuls(profile, device, dtype, shapes)
         measure_attention(profile, device, dtype, spec.num_heads, spec.kv_heads, spec.head_dim)
@@ -435,24 +437,29 @@ def measure_disk(profile: HardwareProfile, directory: str) -> None:
         return
     t0 = time.perf_counter()
     os.makedirs(directory, exist_ok=True)
+    size = min(DISK_PROBE_BYTES, shutil.disk_usage(directory).free // 4) // (4 << 20) * (4 << 20)
+    if size < MIN_DISK_PROBE_BYTES:  # an (almost) full disk: nothing to measure, nothing to put there
+        return
     probe_dir = tempfile.mkdtemp(prefix=".disk-probe-", dir=directory)
     try:
-        parts = [torch.randint(0, 255, (DISK_PROBE_BYTES // 4,), dtype=torch.uint8) for _ in range(4)]
+        parts = [torch.randint(0, 255, (size // 4,), dtype=torch.uint8) for _ in range(4)]
         paths = [os.path.join(probe_dir, f"part{i}") for i in range(4)]
         start = time.perf_counter()
         for path, data in zip(paths, parts):
             write_file(path, data)
         write_s = time.perf_counter() - start
-        buf = aligned_empty(DISK_PROBE_BYTES)
-        chunk = DISK_PROBE_BYTES // 4
+        buf = aligned_empty(size)
+        chunk = size // 4
         start = time.perf_counter()
         for i, path in enumerate(paths):
             read_file(path, chunk, alloc=lambda size, i=i: buf[i * chunk:i * chunk + size])
         read_s = time.perf_counter() - start
+    except OSError:  # e.g. the disk filled up meanwhile: leave it unmeasured (priced conservatively)
+        return
     finally:
         shutil.rmtree(probe_dir, ignore_errors=True)
-    profile.rates[disk_key(directory, "write")] = DISK_PROBE_BYTES / write_s
-    profile.rates[disk_key(directory, "read")] = DISK_PROBE_BYTES / read_s
+    profile.rates[disk_key(directory, "write")] = size / write_s
+    profile.rates[disk_key(directory, "read")] = size / read_s
     profile._points.clear()
     profile.measured_s += time.perf_counter() - t0
 

@@ -104,7 +104,8 @@ def run(args, ctx: DistContext) -> int:
         policy = planned.decision.policies[ctx.rank]
         engine_config.stage_layers = planned.decision.stage_layers
         engine_config.micro_batches = planned.decision.micro_batches
-        engine_config.dtype = planned.decision.dtype
+        if len(planned.options.dtypes) > 1:  # else the planner had the probe's (or the user's) dtype only
+            engine_config.dtype = planned.decision.dtype
     t0 = time.perf_counter()
     with Engine.from_pretrained(args.model, policy=policy, config=engine_config, dist=ctx) as engine:
         load_s = time.perf_counter() - t0

@@ -16,10 +16,21 @@ from flexgen_dist.run import main
 from flexgen_dist.workdir import exit_cleanly_on_signals
 
 
+def profiling() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "measure_executor_overhead":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def inject(rank: int, call: int, kind: str) -> None:
     original, calls = LocalExecutor.forward_step, [0]
 
     def forward_step(self, *args, **kwargs):
+        if profiling():  # the hardware profile times the executor too: those are not the job's steps
+            return original(self, *args, **kwargs)
         calls[0] += 1
         if calls[0] == call:
             if kind == "kill":

@@ -150,7 +150,8 @@ def crash_job(tmp_path_factory):
 
 def job_args(ckpt, prompts, out, off, gbs=2):
     return ["--model", str(ckpt), "--prompts", str(prompts), "--output", str(out), "--gen-len", "4",
-            "--gpu-batch-size", str(gbs), "--offload-dir", str(off), "--dtype", "float32", "--quiet"]
+            "--gpu-batch-size", str(gbs), "--offload-dir", str(off), "--dtype", "float32", "--quiet",
+            "--policy", "manual"]  # the faults are placed by step: the schedule must be the one given
 
 
 def faulty(fault, args, ranks=0):
