@@ -28,10 +28,9 @@ from .flags import DefaultsHelpFormatter, OneLineErrorParser, add_fields
 from .hardware import Budgets, budgets, dtype_name, load_profile, profile_model
 from .memory import Devices
 from .models import family_of
-from .planner import Model, Options, Rank, RunPlan, evaluate_stage, plan
+from .generation import DTYPES, prepare_offload_dir
+from .planner import Model, Options, Rank, RunPlan, evaluate_stage, plan, run_plan
 from .policy import Policy, Tier
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def dtype_candidates(requested: str | None, device: torch.device, dim: int = 2048) -> tuple[torch.dtype, ...]:
@@ -112,25 +111,17 @@ def plan_job(ctx: DistContext, spec, config: PlannerConfig, offload_dir: str, op
 def predict(spec, ranks: list[Rank], policies: list[Policy], stage_layers: list[int], micro: int, dtype,
             workload: Workload, num_prompts: int) -> RunPlan:
     """The cost model's prediction for a given (hand-written) policy and stages."""
-    from .costmodel import pipeline_time
     model, stages, first = Model(spec, family_of(spec)), [], 0
     for s, (size, policy) in enumerate(zip(stage_layers, policies)):
         layers = model.layers(first, first + size, s == 0, s == len(stage_layers) - 1, policy.sep_layer)
         stages.append(evaluate_stage(layers, first, first + size, policy, dtype, ranks[s], micro, workload, spec))
         first += size
-    elem = torch.empty((), dtype=dtype).element_size()
-    block = policies[0].block_size
-    hidden = [block * workload.prompt_len * spec.hidden_size * elem, block * spec.hidden_size * elem]
-    copy_rate = min(r.machine.profile.rate("copy to host") for r in ranks) / 2
-    prefill, decode = pipeline_time([s.prefill_s for s in stages], [s.decode_s for s in stages], micro, hidden,
-                                    copy_rate, workload.gen_len)
-    return RunPlan(dtype, micro, stages, workload, num_prompts, prefill, decode)
+    return run_plan(stages, ranks, dtype, micro, workload, num_prompts, spec)
 
 
 def plan_one_rank(model: str, prompt_len: int, gen_len: int, num_prompts: int | None, *, offload_dir: str,
                   dtype: str, gpu_mem, cpu_mem, disk_mem, auto_compress: bool, fixed: dict) -> Policy:
     """`Policy.auto`: the best single-rank policy, with the chosen dtype as `planned_dtype`."""
-    from .generation import prepare_offload_dir
     from .weights import resolve_model
     spec = resolve_model(model, dummy_weights=True).spec if not os.path.isdir(os.path.expanduser(model)) \
         else resolve_model(os.path.expanduser(model)).spec
@@ -178,7 +169,6 @@ def plan_run(args, ctx: DistContext, policy: Policy, engine_config, requests) ->
     dtypes = dtype_candidates(engine_config.dtype, device, spec.hidden_size)
     fixed = {k: getattr(policy, k) for k in getattr(args, "given", set()) & POLICY_CHOICES}
     options = options_for(config, policy, dtypes, engine_config.stage_layers, engine_config.micro_batches, fixed)
-    from .generation import prepare_offload_dir
     me = this_rank(spec, config, prepare_offload_dir(engine_config.offload_dir), dtypes, ctx.rank)
     ranks = gather(ctx, me)
     decision = None

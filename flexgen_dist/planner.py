@@ -406,16 +406,18 @@ def _plan_stages(model: Model, ranks: list[Rank], policy: Policy, dtype, micro: 
             return _closest_miss(model, ranks, policy, dtype, micro, workload)
         stages.append(planned)
         first += size
-    hidden_bytes = [policy.block_size * workload.prompt_len * spec.hidden_size * _elem(dtype),
-                    policy.block_size * spec.hidden_size * _elem(dtype)]
+    return run_plan(stages, ranks, dtype, micro, workload, num_prompts, spec)
+
+
+def run_plan(stages: list[StagePlan], ranks: list[Rank], dtype, micro: int, workload: Workload, num_prompts: int,
+             spec) -> RunPlan:
+    """The job's plan from its stages: their times through the pipeline, with the hidden states
+    each stage sends per micro-batch step (a whole prompt at prefill, one token at decode)."""
+    row = stages[0].policy.block_size * spec.hidden_size * dtype.itemsize
     copy_rate = min(r.machine.profile.rate("copy to host") for r in ranks) / 2
     prefill, decode = pipeline_time([s.prefill_s for s in stages], [s.decode_s for s in stages], micro,
-                                    hidden_bytes, copy_rate, workload.gen_len)
+                                    [row * workload.prompt_len, row], copy_rate, workload.gen_len)
     return RunPlan(dtype, micro, stages, workload, num_prompts, prefill, decode)
-
-
-def _elem(dtype) -> int:
-    return dtype.itemsize
 
 
 def _split(stages: int, n: int, stage) -> list[int] | None:
