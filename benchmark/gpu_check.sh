@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # GPU readiness in one run (about 8 minutes on one CUDA GPU): transformers-equivalence tests on CUDA
-# for every placement and compression, a 2-rank pipeline, and throughput lines for dummy OPT-1.3b
-# and OPT-6.7b with FlexGen's settings. Writes one JSON result file. Without CUDA it fails loudly.
+# for every placement and compression (packed int4 included), a 2-rank pipeline, throughput lines
+# for dummy OPT-1.3b and OPT-6.7b with FlexGen's settings, and packed int4 against dense: the
+# kernel at decode shapes and in-memory decode at batch 1, 8 and 32. Writes one JSON result file.
+# Without CUDA it fails loudly.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 usage() {
     cat <<EOF
-usage: benchmark/gpu_check.sh [--out FILE] [--offload-dir DIR] [--skip-throughput] [--models "M1 M2"]
+usage: benchmark/gpu_check.sh [--out FILE] [--offload-dir DIR] [--skip-throughput] [--skip-int4]
+                              [--models "M1 M2"]
 
   --out FILE          JSON result file (default: benchmark/results-gpu-check.json)
   --offload-dir DIR   where converted weights go (default: a fresh temporary directory)
-  --skip-throughput   only the equivalence tests and the pipeline
+  --skip-throughput   no FlexGen-settings throughput lines
+  --skip-int4         no packed int4 kernel and decode comparison
   --models "M1 M2"    built-in models for the throughput lines (default: "opt-1.3b opt-6.7b")
 EOF
 }
@@ -19,6 +23,7 @@ EOF
 OUT=benchmark/results-gpu-check.json
 OFFLOAD=""
 THROUGHPUT=1
+INT4=1
 MODELS="opt-1.3b opt-6.7b"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -27,6 +32,7 @@ while [ $# -gt 0 ]; do
         --offload-dir) [ $# -ge 2 ] || { echo "error: --offload-dir needs a directory" >&2; exit 2; }
                        OFFLOAD=$2; shift 2 ;;
         --skip-throughput) THROUGHPUT=0; shift ;;
+        --skip-int4) INT4=0; shift ;;
         --models) [ $# -ge 2 ] || { echo "error: --models needs a list" >&2; exit 2; }; MODELS=$2; shift 2 ;;
         *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
@@ -81,13 +87,14 @@ with open(base + ".json", "w") as f:
     json.dump({"status": status, "seconds": seconds, "output_tail": tail}, f)
 EOF
     echo "$name: exit $status in $((SECONDS - t0)) s"
+    result 0 "unfinished: stopped after step $name"  # a check killed midway still leaves its steps
     return $status
 }
 
 failed=0
 # 1. every placement and compression against transformers, on the GPU (the engine picks CUDA)
 step equivalence "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_equivalence.py \
-    tests/test_compressed_equivalence.py || failed=1
+    tests/test_compressed_equivalence.py tests/test_int4.py || failed=1
 # 2. a 2-rank pipeline: NCCL between two GPUs, gloo when both ranks share one
 COMM=cpu
 [ "$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ] && COMM=gpu
@@ -103,10 +110,23 @@ if [ "$THROUGHPUT" = 1 ]; then
             || failed=1
     done
 fi
+# 4. packed int4 against dense: the kernel at decode shapes, then decode with everything in memory
+if [ "$INT4" = 1 ]; then
+    step int4-kernel "$PYTHON" benchmark/bench_int4_kernel.py --device cuda --json "$WORK/int4-kernel-metrics.jsonl" \
+        || failed=1
+    for model in $MODELS; do
+        for weights in dense int4; do
+            flag=(); [ "$weights" = int4 ] && flag=(--compress-weight)
+            step "int4-decode-$model-$weights" "$PYTHON" benchmark/bench_throughput.py --model "$model" \
+                --prompt-len 32 --gen-len 32 --batches 1x1,8x1,32x1 "${flag[@]}" --offload-dir "$OFFLOAD" \
+                --json "$WORK/int4-decode-metrics.jsonl" || failed=1
+        done
+    done
+fi
 "$PYTHON" - "$WORK" <<'EOF'
 import json, os, sys
 work = sys.argv[1]
-for name in ("pipeline-metrics", "throughput-metrics"):
+for name in ("pipeline-metrics", "throughput-metrics", "int4-kernel-metrics", "int4-decode-metrics"):
     path = os.path.join(work, name + ".jsonl")
     if os.path.exists(path):
         with open(path) as f:

@@ -60,3 +60,31 @@ def test_cuda_form_cannot_be_dequantized():
     w = quantize_int4(torch.randn(64, 64), 32)
     with pytest.raises(ValueError, match="cuda form"):
         dequantize_int4(Int4Weight(w.data, w.scales_zeros, w.shape, 32, form="cuda"))
+
+
+def test_bf16_packed_run_gives_the_dequantized_runs_tokens(opt_checkpoint, tmp_path, monkeypatch):
+    """In bf16, the engine's compute dtype where the int4 kernels are fast (tinygemm on a GPU takes
+    nothing else), multiplying from the codes chooses the tokens dequantize + dense chooses, with
+    logits equal to bf16 rounding; and the packed run really used the kernel for decode."""
+    from conftest import PROMPTS, _force_int4, count_int4_products
+    from flexgen_dist import Engine, Policy
+    path, _ = opt_checkpoint
+
+    def run(packed: bool):
+        clear = _force_int4(monkeypatch, packed)
+        calls = count_int4_products(monkeypatch)
+        engine = Engine.from_pretrained(path, policy=Policy(compress_weight=True, gpu_batch_size=5),
+                                        offload_dir=tmp_path / str(packed), dtype="bfloat16")
+        try:
+            if packed and not kernels.use_int4(engine.devices.compute, torch.bfloat16):
+                pytest.skip(f"no int4 kernel for bf16 on {engine.devices.compute}")
+            return engine.generate(PROMPTS, max_new_tokens=8, return_logits=True), calls
+        finally:
+            engine.close()
+            clear()
+    (packed_ids, packed_logits), packed_calls = run(True)
+    (dense_ids, dense_logits), dense_calls = run(False)
+    assert packed_calls and min(packed_calls) <= kernels.INT4_MAX_ROWS and not dense_calls
+    assert torch.equal(packed_ids, dense_ids)
+    for mine, theirs in zip(packed_logits, dense_logits):
+        torch.testing.assert_close(mine, theirs, atol=0.05, rtol=0.05)
