@@ -51,9 +51,22 @@ def step_inputs(mask: torch.Tensor, new: int, dtype: torch.dtype, device) -> Ste
     return StepInputs(positions.to(device), bias.to(device), start)
 
 
+def pieces(width: int, chunks: int) -> list[tuple[int, int]]:
+    """Token ranges [start, end) cutting a prompt of `width` tokens into `chunks` near-equal pieces
+    (fewer when the prompt is shorter), in order; every rank computes the same ones."""
+    n = max(1, min(chunks, width))
+    edges = [width * q // n for q in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 class BlockRun:
     """State of one block on one rank. `prompts` and `params` have `micro_batches * block_size`
-    rows (the caller fills a short block); `forced` (rows, steps) replaces chosen tokens."""
+    rows (the caller fills a short block); `forced` (rows, steps) replaces chosen tokens.
+
+    The prefill of each micro-batch runs in `engine.prefill_chunks` pieces along the prompt (see
+    `pieces`), each sent downstream as soon as it is computed, so the next stage starts before the
+    whole prompt has passed this one; the last rank chooses the first token after the last piece.
+    Decode steps are one piece of one token."""
 
     def __init__(self, engine, prompts: list[list[int]], params: list[RowParams], forced=None,
                  keep_logits: bool = False):
@@ -66,6 +79,7 @@ class BlockRun:
         self.chooser = TokenChooser(params, self.pad, self.rows, self.count, forced, keep_logits,
                                     self.ctx.rank) if self.ctx.last else None
         self.received = [[] for _ in self.micro]
+        self.prefill_pieces = [pieces(ids.shape[1], engine.prefill_chunks) for ids, _ in self.micro]
         self.stopping, self.prefill_end = False, None
 
     def run(self, stats, bar=None):
@@ -95,21 +109,29 @@ class BlockRun:
         """Run token steps until the schedule ends or the block is finished; the steps begun."""
         for i in range(self.steps):
             for t in range(self.count):
-                x = self._input(t, i)
-                if x is None:
-                    return i
-                self._compute(x, t, i, caches[t])
+                for start, end in self._pieces(t, i):
+                    x = self._input(t, i, start, end)
+                    if x is None:
+                        return i
+                    self._compute(x, t, i, caches[t], end)
             if bar is not None:
                 bar.update(1)
             if self.ctx.world_size == 1 and self.chooser.all_finished():
                 return i + 1
         return self.steps
 
-    def _input(self, t: int, i: int):
-        """This micro-step's input, or None when the block ends here."""
+    def _pieces(self, t: int, i: int) -> list[tuple[int, int]]:
+        """Micro-batch t's token ranges at step i (mask columns): the prompt's pieces, then one token."""
+        if i == 0:
+            return self.prefill_pieces[t]
+        width = self.micro[t][0].shape[1] + i
+        return [(width - 1, width)]
+
+    def _input(self, t: int, i: int, start: int, end: int):
+        """The input of this piece of a micro-step, or None when the block ends here."""
         ids, _ = self.micro[t]
         if self.ctx.first and i == 0:
-            return ids
+            return ids[:, start:end]
         if self.ctx.first:
             tokens, flag = unpack(self.ring.receive(), (len(ids),))
             self.received[t].append(tokens.cpu())
@@ -120,25 +142,27 @@ class BlockRun:
                 self.stopping = True
                 return None
             return tokens[:, None]
-        new = ids.shape[1] if i == 0 else 1
-        x, flag = unpack(self.ring.receive(), (len(ids), new, self.hidden))
+        x, flag = unpack(self.ring.receive(), (len(ids), end - start, self.hidden))
         if flag == STOP:
             self._stop_downstream(t, i)
             self.ring.abandon()
             return None
         return x
 
-    def _compute(self, x: torch.Tensor, t: int, i: int, cache) -> None:
+    def _compute(self, x: torch.Tensor, t: int, i: int, cache, end: int) -> None:
+        """Run this stage over x, the tokens up to mask column `end` (exclusive) not yet computed."""
         device, gbs = self.engine.devices.compute, self.gbs
-        new = x.shape[1]
-        inputs = [step_inputs(m, new, self.engine.dtype, device) for m in self.masks[t].split(gbs)]
+        seen = self.masks[t][:, :end]
+        inputs = [step_inputs(m, x.shape[1], self.engine.dtype, device) for m in seen.split(gbs)]
         y = torch.cat(self.ex.forward_step([c.to(device) for c in x.split(gbs)], inputs, cache))
-        if self.ctx.last:
+        step_done = end == self.masks[t].shape[1]
+        if self.ctx.last and step_done:
             chosen = self.chooser.choose(y, t, i)
             self.ring.send(pack(chosen, FINISHED if self.chooser.all_finished() else 0))
-        else:
+        elif not self.ctx.last:
             self.ring.send(pack(y, 0))
-        self.masks[t] = torch.cat([self.masks[t], torch.ones((len(self.masks[t]), 1), dtype=torch.bool)], dim=1)
+        if step_done:
+            self.masks[t] = torch.cat([self.masks[t], torch.ones((len(self.masks[t]), 1), dtype=torch.bool)], dim=1)
 
     def _stop_downstream(self, t: int, i: int) -> None:
         """Send STOP for position (t, i) and, when the schedule has a next position, one filler
@@ -177,8 +201,9 @@ class BlockRun:
     def _expect_inputs(self) -> None:
         """Tell the ring, in order, what this rank will receive during the block."""
         for i in range(self.steps):
-            for ids, _ in self.micro:
+            for t, (ids, _) in enumerate(self.micro):
                 if self.ctx.first:
                     self.ring.expect((len(ids) + 1,), torch.long)
-                else:
-                    self.ring.expect((len(ids) * (ids.shape[1] if i == 0 else 1) * self.hidden + 1,), self.engine.dtype)
+                    continue
+                for start, end in self._pieces(t, i):
+                    self.ring.expect((len(ids) * (end - start) * self.hidden + 1,), self.engine.dtype)

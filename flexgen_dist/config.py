@@ -43,6 +43,10 @@ class EngineConfig:
     """Transformer layers per pipeline rank, e.g. 6,6,7,5 (default: balanced by weight bytes)."""
     micro_batches: int | None = None
     """Blocks in flight through the pipeline (default: one per rank)."""
+    prefill_chunks: int = 1
+    """Pieces each micro-batch's prompts are cut into along their tokens for the prefill, each sent
+    downstream once computed: more pieces shorten the pipeline's fill and drain, at the cost of one
+    more pass over the stage's weights per piece (--policy auto chooses)."""
     comm_device: Literal["cpu", "gpu"] | None = None
     """Where pipeline stages exchange tensors: gpu = NCCL, cpu = gloo (default: gpu with CUDA)."""
     comm_timeout: float = 600.0

@@ -271,14 +271,29 @@ def steps(workload: Workload, rows: int) -> list[tuple[Step, int]]:
     return out
 
 
+def _placed_groups(layers: list[Layer], policy: Policy, dtype: torch.dtype, realized: bool):
+    return [(la, n, realized_placement(la, policy, dtype) if realized else Placement.of(policy))
+            for la, n in layer_groups(layers)]
+
+
+def prefill_piece_time(layers: list[Layer], policy: Policy, dtype: torch.dtype, machine: Machine,
+                       workload: Workload, pieces: int, heads: int, hidden: int) -> float:
+    """Seconds of one of `pieces` prefill pieces (a prompt cut along its tokens) on this stage: each
+    piece passes every layer, weights and all, for its share of the tokens; its attention reaches
+    back over the pieces before it (on average half the prompt beyond its own tokens)."""
+    tokens = -(-workload.prompt_len // pieces)
+    step = Step(policy.gpu_batch_size, tokens, (workload.prompt_len + tokens) // 2)
+    return sum(combine(layer_cost(layer, step, policy, place, dtype, machine, heads, hidden), policy.overlap) * n
+               for layer, n, place in _placed_groups(layers, policy, dtype, True))
+
+
 def stage_times(layers: list[Layer], policy: Policy, dtype: torch.dtype, machine: Machine, workload: Workload,
                 heads: int, hidden: int, realized: bool = True) -> tuple[float, float, dict[str, float]]:
     """(prefill s, decode s, seconds per resource over the run) of one block on this stage.
     `realized`: weights placed tensor by tensor as the executor does (else the exact fractions)."""
     prefill = decode = 0.0
     totals = dict.fromkeys(RESOURCES, 0.0)
-    groups = [(la, n, realized_placement(la, policy, dtype) if realized else Placement.of(policy))
-              for la, n in layer_groups(layers)]
+    groups = _placed_groups(layers, policy, dtype, realized)
     for step, count in steps(workload, policy.gpu_batch_size):
         for layer, n, place in groups:
             cost = layer_cost(layer, step, policy, place, dtype, machine, heads, hidden)
@@ -293,22 +308,23 @@ def stage_times(layers: list[Layer], policy: Policy, dtype: torch.dtype, machine
 
 
 def pipeline_time(prefill: list[float], decode: list[float], micro_batches: int, hidden_bytes: list[float],
-                  machine_copy_rate: float, gen_len: int) -> tuple[float, float]:
+                  machine_copy_rate: float, gen_len: int, pieces: int = 1) -> tuple[float, float]:
     """(prefill s, decode s) of one block of `micro_batches` micro-batches through the stages,
-    given each stage's time for one micro-batch (`prefill`, and `decode` summed over all decode
-    steps) and the bytes of one message it sends per step (prefill, decode).
+    given each stage's time for one prefill piece of a micro-batch (`prefill`; the prompt travels
+    in `pieces` pieces) and for all decode steps of one micro-batch (`decode`), and the bytes of
+    one message a stage sends (a prefill piece, a decode step).
 
-    Prefill fills and drains the pipeline: the slowest stage works `micro_batches` times and the
-    others add their share once. A decode step of a micro-batch needs its own previous token back
-    from the last rank, so a step costs at least one trip around the ring; with enough
+    Prefill fills and drains the pipeline: the slowest stage works `micro_batches * pieces` times
+    and the others add their share once. A decode step of a micro-batch needs its own previous
+    token back from the last rank, so a step costs at least one trip around the ring; with enough
     micro-batches the slowest stage is busy throughout instead."""
     stages = len(prefill)
     comm_pre = comm_dec = 0.0
     if stages > 1:
-        comm_pre = sum(COMM_LATENCY_S + b / machine_copy_rate for b in hidden_bytes[:1]) * stages
+        comm_pre = (COMM_LATENCY_S + hidden_bytes[0] / machine_copy_rate) * stages
         comm_dec = (COMM_LATENCY_S + hidden_bytes[-1] / machine_copy_rate) * stages
     fill = sum(prefill) - max(prefill) + comm_pre
-    prefill_s = micro_batches * max(prefill) + fill
+    prefill_s = micro_batches * pieces * max(prefill) + fill
     steps_ = max(gen_len - 1, 0)
     if steps_ == 0:
         return prefill_s, 0.0

@@ -76,12 +76,13 @@ class Engine:
 
     def __init__(self, *, spec, executor: LocalExecutor, store: TensorStore, policy: Policy, devices: Devices,
                  dtype: probe.DtypeChoice, model: ResolvedModel, ctx: DistContext, ring: Ring, micro_batches: int,
-                 stage: tuple[int, int]):
+                 stage: tuple[int, int], prefill_chunks: int = 1):
         self.spec, self.executor, self.store, self.policy, self.devices = spec, executor, store, policy, devices
         self.dtype, self.dtype_choice = dtype.dtype, dtype
         self.tokenizer_path, self.eos_token_ids = model.tokenizer_path, model.eos_token_ids
         self.weights_id = model.source.fingerprint  # what a batch job's manifest records
         self.ctx, self.ring, self.micro_batches, self.stage = ctx, ring, micro_batches, stage
+        self.prefill_chunks = prefill_chunks
         self.kernels = {"dtype": str(self.dtype).split(".")[-1], "dtype_reason": dtype.reason,
                         "linear": kernels.describe(devices.compute, self.dtype)}
         if policy.compress_weight:
@@ -96,9 +97,12 @@ class Engine:
     def from_pretrained(cls, name_or_path: str, policy: Policy | None = None, config: EngineConfig | None = None,
                         dist: DistContext | None = None, **options) -> "Engine":
         """Build the engine for this rank. `options` are `EngineConfig` fields (offload_dir, dtype,
-        dummy_weights, seed, stage_layers, micro_batches, comm_device, comm_timeout) and override
+        dummy_weights, seed, stage_layers, micro_batches, prefill_chunks, comm_device, comm_timeout) and override
         `config`. `dist` (from `flexgen_dist.dist.init`) makes this rank one pipeline stage."""
         config = make(EngineConfig, {**vars(config or EngineConfig()), **options}, "Engine.from_pretrained")
+        for name in ("micro_batches", "prefill_chunks"):
+            if getattr(config, name) is not None and getattr(config, name) < 1:
+                raise FlexGenError(f"{name} must be at least 1, got {getattr(config, name)}")
         ctx = dist or DistContext()
         policy = (policy or Policy()).validate()
         devices = Devices.detect(policy.pin_weight)
@@ -125,7 +129,8 @@ class Engine:
             raise
         return cls(spec=model.spec, executor=executor, store=store, policy=policy, devices=devices, dtype=choice,
                    model=model, ctx=ctx, ring=Ring(ctx, devices.compute, config.comm_timeout),
-                   micro_batches=config.micro_batches or ctx.world_size, stage=(first, last))
+                   micro_batches=config.micro_batches or ctx.world_size, prefill_chunks=config.prefill_chunks,
+                   stage=(first, last))
 
     def __enter__(self) -> "Engine":
         return self

@@ -64,7 +64,7 @@ def this_rank(spec, config: PlannerConfig, offload_dir: str, dtypes, rank: int =
 
 
 def options_for(config: PlannerConfig, base: Policy, dtypes, stage_layers=None, micro_batches=None,
-                fixed: dict | None = None) -> Options:
+                fixed: dict | None = None, prefill_chunks: int | None = None) -> Options:
     """What the planner may choose: compression only when allowed or asked for, batch sizes only
     when not given (`fixed` holds the policy fields the user set)."""
     fixed = fixed or {}
@@ -73,7 +73,7 @@ def options_for(config: PlannerConfig, base: Policy, dtypes, stage_layers=None, 
     else:
         compression = ((False, False), (False, True), (True, False), (True, True))
     return Options(dtypes=tuple(dtypes), compression=compression, base=base, stage_layers=stage_layers,
-                   micro_batches=(micro_batches,) if micro_batches else None,
+                   micro_batches=(micro_batches,) if micro_batches else None, prefill_chunks=prefill_chunks,
                    gpu_batch_sizes=(fixed["gpu_batch_size"],) if "gpu_batch_size" in fixed else None,
                    gpu_batches=(fixed["num_gpu_batches"],) if "num_gpu_batches" in fixed else None)
 
@@ -87,6 +87,7 @@ class Decision:
     micro_batches: int
     dtype: str
     text: str  # the plan as printed
+    prefill_chunks: int = 1
 
 
 def plan_job(ctx: DistContext, spec, config: PlannerConfig, offload_dir: str, options: Options,
@@ -99,7 +100,7 @@ def plan_job(ctx: DistContext, spec, config: PlannerConfig, offload_dir: str, op
         try:
             best = plan(Model(spec, family_of(spec)), ranks, workload, num_prompts, options)
             decision = Decision([s.policy for s in best.stages], best.stage_layers, best.micro_batches,
-                                dtype_name(best.dtype), describe(best, ranks))
+                                dtype_name(best.dtype), describe(best, ranks), best.prefill_chunks)
         except FlexGenError as e:
             decision = e
     decision = broadcast(ctx, decision)
@@ -109,14 +110,14 @@ def plan_job(ctx: DistContext, spec, config: PlannerConfig, offload_dir: str, op
 
 
 def predict(spec, ranks: list[Rank], policies: list[Policy], stage_layers: list[int], micro: int, dtype,
-            workload: Workload, num_prompts: int) -> RunPlan:
+            workload: Workload, num_prompts: int, prefill_chunks: int = 1) -> RunPlan:
     """The cost model's prediction for a given (hand-written) policy and stages."""
     model, stages, first = Model(spec, family_of(spec)), [], 0
     for s, (size, policy) in enumerate(zip(stage_layers, policies)):
         layers = model.layers(first, first + size, s == 0, s == len(stage_layers) - 1, policy.sep_layer)
         stages.append(evaluate_stage(layers, first, first + size, policy, dtype, ranks[s], micro, workload, spec))
         first += size
-    return run_plan(stages, ranks, dtype, micro, workload, num_prompts, spec)
+    return run_plan(stages, ranks, dtype, micro, workload, num_prompts, spec, prefill_chunks)
 
 
 def plan_one_rank(model: str, prompt_len: int, gen_len: int, num_prompts: int | None, *, offload_dir: str,
@@ -168,7 +169,9 @@ def plan_run(args, ctx: DistContext, policy: Policy, engine_config, requests) ->
     device = Devices.detect().compute
     dtypes = dtype_candidates(engine_config.dtype, device, spec.hidden_size)
     fixed = {k: getattr(policy, k) for k in getattr(args, "given", set()) & POLICY_CHOICES}
-    options = options_for(config, policy, dtypes, engine_config.stage_layers, engine_config.micro_batches, fixed)
+    chunks = engine_config.prefill_chunks if "prefill_chunks" in getattr(args, "given", set()) else None
+    options = options_for(config, policy, dtypes, engine_config.stage_layers, engine_config.micro_batches, fixed,
+                          chunks)
     me = this_rank(spec, config, prepare_offload_dir(engine_config.offload_dir), dtypes, ctx.rank)
     ranks = gather(ctx, me)
     decision = None
@@ -192,7 +195,7 @@ def _decide(ctx, spec, ranks, workload, num_prompts, options, args):
         if not num_prompts:  # synthetic prompts without --num-prompts: one block, as the planner sizes it
             best = replace(best, num_prompts=best.block_rows)
         return Decision([s.policy for s in best.stages], best.stage_layers, best.micro_batches,
-                        dtype_name(best.dtype), describe(best, ranks))
+                        dtype_name(best.dtype), describe(best, ranks), best.prefill_chunks)
     except FlexGenError as e:
         return e
 
@@ -227,7 +230,7 @@ def compare(planned: Planned, engine, stages: list[dict]) -> dict:
     policies = [engine.policy] * len(stages) if not planned.auto else planned.decision.policies
     sizes = [st["layers"][1] - st["layers"][0] for st in stages]
     guess = predict(planned.spec, planned.ranks, policies, sizes, engine.micro_batches, engine.dtype,
-                    planned.workload, stats.prompts)
+                    planned.workload, stats.prompts, engine.prefill_chunks)
     out = {"predicted_throughput": guess.throughput, "predicted_prefill_s": guess.prefill_s * guess.blocks,
            "predicted_decode_s": guess.decode_s * guess.blocks, "auto": planned.auto,
            "lines": [f"predicted: {guess.throughput:.2f} token/s (prefill {guess.prefill_s * guess.blocks:.2f} s, "
@@ -235,7 +238,7 @@ def compare(planned: Planned, engine, stages: list[dict]) -> dict:
     if not planned.auto:
         try:
             free = replace(planned.options, gpu_batch_sizes=None, gpu_batches=None, stage_layers=None,
-                           micro_batches=None)  # what the planner would choose in the run's place
+                           micro_batches=None, prefill_chunks=None)  # the planner's choice in the run's place
             best = plan(Model(planned.spec, family_of(planned.spec)), planned.ranks, planned.workload,
                         stats.prompts, free)
         except FlexGenError:
@@ -261,6 +264,7 @@ def describe(p: RunPlan, ranks: list[Rank]) -> str:
              f"dtype {dtype_name(p.dtype)}",
              f"  batches: gpu batch size {first.gpu_batch_size} x {first.num_gpu_batches} gpu batches"
              + (f" x {p.micro_batches} micro-batches" if len(p.stages) > 1 else "")
+             + (f", prompts in {p.prefill_chunks} pieces" if p.prefill_chunks > 1 else "")
              + f" = {p.block_rows} sequences per block, {p.blocks} block(s)",
              f"  compression: weights {_onoff(first.compress_weight)}, KV cache {_onoff(first.compress_cache)}"]
     for i, (stage, rank) in enumerate(zip(p.stages, ranks)):

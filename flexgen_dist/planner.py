@@ -24,7 +24,7 @@ from scipy.optimize import linprog
 
 from .budget import GiB, Plan, block_plan, weight_plan
 from .costmodel import (RESOURCES, Machine, Placement, Workload, layer_cost, layer_groups, pipeline_time,
-                        stage_times, steps, stored_bytes)
+                        prefill_piece_time, stage_times, steps, stored_bytes)
 from .errors import FlexGenError
 from .hardware import Budgets, dtype_name
 from .models.base import Layer
@@ -67,6 +67,7 @@ class Options:
     max_gpu_batch: int = 256
     max_block: int = 4096
     micro_batches: tuple[int, ...] | None = None  # None: one to four per stage
+    prefill_chunks: int | None = None  # None: the planner chooses (pipelines only)
     gpu_batch_sizes: tuple[int, ...] | None = None  # None: powers of two up to max_gpu_batch
     gpu_batches: tuple[int, ...] | None = None  # None: powers of two up to the block limit
     stage_layers: list[int] | None = None  # fixed stage sizes (None: the planner chooses)
@@ -82,6 +83,7 @@ class StagePlan:
     prefill_s: float  # one micro-batch through this stage, prefill
     decode_s: float  # one micro-batch through this stage, all decode steps
     resources: dict[str, float]  # seconds per resource over one micro-batch's block
+    layers: list[Layer] | None = field(default=None, repr=False)  # what it runs (to price prefill pieces)
 
     @property
     def bottleneck(self) -> str:
@@ -100,6 +102,7 @@ class RunPlan:
     num_prompts: int
     prefill_s: float  # per block
     decode_s: float  # per block
+    prefill_chunks: int = 1  # pieces each micro-batch's prompt travels the pipeline in
 
     @property
     def block_rows(self) -> int:
@@ -309,7 +312,7 @@ def evaluate_stage(layers, first: int, last: int, policy: Policy, dtype, rank: R
     prefill, decode, totals = stage_times(layers, policy, dtype, rank.machine, workload, spec.num_heads,
                                           spec.hidden_size)
     memory = exact_memory(layers, policy, dtype, micro_batches, workload, spec, rank.machine.cpu)
-    return StagePlan(first, last, policy, memory, prefill, decode, totals)
+    return StagePlan(first, last, policy, memory, prefill, decode, totals, layers)
 
 
 # ----- the whole job ---------------------------------------------------------------------------
@@ -406,18 +409,33 @@ def _plan_stages(model: Model, ranks: list[Rank], policy: Policy, dtype, micro: 
             return _closest_miss(model, ranks, policy, dtype, micro, workload)
         stages.append(planned)
         first += size
-    return run_plan(stages, ranks, dtype, micro, workload, num_prompts, spec)
+    return run_plan(stages, ranks, dtype, micro, workload, num_prompts, spec, options.prefill_chunks)
+
+
+PREFILL_PIECES = (1, 2, 4, 8, 16)
 
 
 def run_plan(stages: list[StagePlan], ranks: list[Rank], dtype, micro: int, workload: Workload, num_prompts: int,
-             spec) -> RunPlan:
+             spec, prefill_chunks: int | None = None) -> RunPlan:
     """The job's plan from its stages: their times through the pipeline, with the hidden states
-    each stage sends per micro-batch step (a whole prompt at prefill, one token at decode)."""
+    each stage sends per micro-batch step (a prompt's piece at prefill, one token at decode).
+    A pipeline's prompts travel in the number of pieces that finishes the prefill first (or in
+    `prefill_chunks`): more pieces shorten fill and drain, each costs a pass over the weights."""
     row = stages[0].policy.block_size * spec.hidden_size * dtype.itemsize
     copy_rate = min(r.machine.profile.rate("copy to host") for r in ranks) / 2
-    prefill, decode = pipeline_time([s.prefill_s for s in stages], [s.decode_s for s in stages], micro,
-                                    [row * workload.prompt_len, row], copy_rate, workload.gen_len)
-    return RunPlan(dtype, micro, stages, workload, num_prompts, prefill, decode)
+    choices = [prefill_chunks] if prefill_chunks else \
+        [c for c in PREFILL_PIECES if c <= workload.prompt_len and (c == 1 or len(stages) > 1)]
+    best = None
+    for pieces in choices:
+        piece_s = [s.prefill_s if pieces == 1 else
+                   prefill_piece_time(s.layers, s.policy, dtype, r.machine, workload, pieces, spec.num_heads,
+                                      spec.hidden_size) for s, r in zip(stages, ranks)]
+        times = pipeline_time(piece_s, [s.decode_s for s in stages], micro,
+                              [row * -(-workload.prompt_len // pieces), row], copy_rate, workload.gen_len, pieces)
+        if best is None or times[0] < best[1][0]:
+            best = (pieces, times)
+    pieces, (prefill, decode) = best
+    return RunPlan(dtype, micro, stages, workload, num_prompts, prefill, decode, pieces)
 
 
 def _split(stages: int, n: int, stage) -> list[int] | None:

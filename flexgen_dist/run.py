@@ -104,6 +104,7 @@ def run(args, ctx: DistContext) -> int:
         policy = planned.decision.policies[ctx.rank]
         engine_config.stage_layers = planned.decision.stage_layers
         engine_config.micro_batches = planned.decision.micro_batches
+        engine_config.prefill_chunks = planned.decision.prefill_chunks
         if len(planned.options.dtypes) > 1:  # else the planner had the probe's (or the user's) dtype only
             engine_config.dtype = planned.decision.dtype
     t0 = time.perf_counter()

@@ -18,7 +18,8 @@ def main(path: str) -> None:
         policy = Policy.from_percent(run["percent"], **run.get("policy", {}))
         engine = Engine.from_pretrained(job["model"], policy=policy, offload_dir=f"{job['offload']}/{i}",
                                         dtype="float32", dist=ctx, stage_layers=run.get("stage_layers"),
-                                        micro_batches=run.get("micro_batches"), comm_timeout=60)
+                                        micro_batches=run.get("micro_batches"),
+                                        prefill_chunks=run.get("prefill_chunks", 1), comm_timeout=60)
         out = engine.generate(job["prompts"], max_new_tokens=job["new_tokens"], **run.get("generate", {}))
         engine.close()
         if ctx.first:

@@ -60,15 +60,17 @@ def six_layers(request, tmp_path_factory):
     return str(path), model
 
 
-RUNS = [
-    {"percent": [100, 0, 100, 0, 100, 0], "policy": {"gpu_batch_size": 2}},
-    {"percent": [0, 0, 0, 100, 100, 0], "policy": {"gpu_batch_size": 1, "num_gpu_batches": 2}, "uneven": True},
+RUNS = [  # prefill_chunks: each prompt's prefill travels the ranks in that many pieces
+    {"percent": [100, 0, 100, 0, 100, 0], "policy": {"gpu_batch_size": 2}, "prefill_chunks": 3},
+    {"percent": [0, 0, 0, 100, 100, 0], "policy": {"gpu_batch_size": 1, "num_gpu_batches": 2}, "uneven": True,
+     "prefill_chunks": 2},
     {"percent": [30, 30, 0, 0, 0, 100], "policy": {"gpu_batch_size": 3, "overlap": False}, "micro_batches": 1},
     {"percent": [0, 50, 50, 0, 100, 0], "policy": {"gpu_batch_size": 2, "compress_weight": True,
                                                    "compress_cache": True}, "uneven": True},
     {"percent": [100, 0, 100, 0, 100, 0], "policy": {"gpu_batch_size": 2},
      "generate": {"do_sample": True, "temperature": 1.3, "top_p": 0.9, "seed": 5}},
-    {"percent": [100, 0, 0, 0, 100, 0], "policy": {"gpu_batch_size": 2}, "generate": {"stop": "FIRST"}},
+    {"percent": [100, 0, 0, 0, 100, 0], "policy": {"gpu_batch_size": 2}, "generate": {"stop": "FIRST"},
+     "prefill_chunks": 4},
 ]
 UNEVEN = {2: [1, 5], 3: [1, 3, 2], 4: [2, 1, 1, 2]}
 
@@ -181,3 +183,16 @@ def test_sigterm_to_mpirun_ends_every_rank_and_leaves_no_files(six_layers, tmp_p
         proc.kill()
     time.sleep(1)
     assert [d for d in (tmp_path / "work").iterdir()] == []
+
+
+def test_prefill_pieces_cover_the_prompt_in_order():
+    from flexgen_dist.block import pieces
+    assert pieces(10, 1) == [(0, 10)]
+    assert pieces(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert pieces(3, 8) == [(0, 1), (1, 2), (2, 3)]  # never an empty piece
+
+
+def test_prefill_chunks_must_be_positive(six_layers, tmp_path):
+    path, _ = six_layers
+    with pytest.raises(Exception, match="prefill_chunks must be at least 1"):
+        Engine.from_pretrained(path, offload_dir=tmp_path, prefill_chunks=0)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from flexgen_dist.budget import GiB
-from flexgen_dist.costmodel import Machine, Placement, Step, Workload, layer_cost, pipeline_time
+from flexgen_dist.costmodel import (Machine, Placement, Step, Workload, layer_cost, pipeline_time, prefill_piece_time,
+                                    stored_bytes)
 from flexgen_dist.hardware import Budgets, HardwareProfile, disk_key, overhead_key
 from flexgen_dist.models import builtin_spec, family_of
 from flexgen_dist.planner import Infeasible, Model, Options, Rank, exact_memory, plan, shortfall
@@ -153,6 +154,42 @@ def test_pipeline_time_fills_and_drains_prefill_and_decode_waits_for_the_ring():
     # one micro-batch: every decode step goes around the ring
     _, decode = pipeline_time([1.0, 1.0], [3.0, 3.0], 1, [0, 0], 1e18, 4)
     assert decode == pytest.approx(3 * 2.0, rel=1e-3)
+
+
+def test_prefill_pieces_shorten_fill_and_drain():
+    # two equal stages, two micro-batches, each prompt in 4 pieces of a quarter of the time:
+    # the slowest stage works 8 pieces and the other adds one piece, not a whole prompt
+    prefill, _ = pipeline_time([0.25, 0.25], [3.0, 3.0], 2, [0, 0], 1e18, 4, pieces=4)
+    assert prefill == pytest.approx(2.25, rel=1e-3)
+    whole, _ = pipeline_time([1.0, 1.0], [3.0, 3.0], 2, [0, 0], 1e18, 4)
+    assert whole == pytest.approx(3.0, rel=1e-3)
+
+
+def test_a_pipeline_with_resident_weights_cuts_prompts_into_pieces_and_one_rank_does_not(tmp_path):
+    m = model()
+    two = plan(m, [rank(tmp_path, m.spec, 16), rank(tmp_path, m.spec, 16)], WORK, 64, options())
+    assert all(s.policy.w_gpu_percent == 100 for s in two.stages) and two.prefill_chunks > 1
+    unchunked = plan(m, [rank(tmp_path, m.spec, 16), rank(tmp_path, m.spec, 16)], WORK, 64,
+                     options(prefill_chunks=1))
+    assert unchunked.prefill_chunks == 1 and unchunked.prefill_s > two.prefill_s
+    assert plan(m, [rank(tmp_path, m.spec, 16)], WORK, 64, options()).prefill_chunks == 1
+
+
+def test_pieces_that_reread_weights_from_disk_cost_their_reads(tmp_path):
+    """Each piece passes over the stage's weights: resident, the pieces cost about the whole
+    prompt; from disk, every piece reads the stage's weights again."""
+    m = model()
+    mach = machine(tmp_path, m.spec, disk_bw=0.2e9)
+    layers = m.layers(0, 12, True, False)
+    for percent, extra in ((100, False), (0, True)):
+        policy = Policy(gpu_batch_size=8, w_gpu_percent=percent, w_cpu_percent=0)
+        whole = prefill_piece_time(layers, policy, BF16, mach, WORK, 1, m.spec.num_heads, m.spec.hidden_size)
+        eight = 8 * prefill_piece_time(layers, policy, BF16, mach, WORK, 8, m.spec.num_heads, m.spec.hidden_size)
+        if extra:
+            reads = sum(stored_bytes(la, policy, BF16)[i] for la in layers for i in range(len(la.weights))) / 0.2e9
+            assert eight > whole + 6 * reads  # seven more passes over the weights, most of each on disk
+        else:
+            assert eight == pytest.approx(whole, rel=0.25)
 
 
 def test_the_planner_keeps_what_the_user_fixed(tmp_path):
