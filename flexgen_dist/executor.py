@@ -128,8 +128,10 @@ class LocalExecutor:
 
     def _home(self, store: TensorStore, name: str, tier: Tier, only_linear: bool) -> WeightHome:
         home = WeightHome(name, tier, store.nbytes(name), store)
-        # a tied embedding is also looked up: it needs the dense tensor, so it is dequantized
-        home.keep_int4 = only_linear and self.policy.compress_weight and use_int4(self.devices.compute, self.dtype)
+        # a tensor also looked up (a tied embedding) stays packed only where rows can be taken from
+        # the packed form (a CPU's layout); tinygemm's GPU form cannot, so there it is dequantized
+        lookup_ok = only_linear or self.devices.compute.type == "cpu"
+        home.keep_int4 = lookup_ok and self.policy.compress_weight and use_int4(self.devices.compute, self.dtype)
         if tier is not Tier.DISK:
             value = store.read(name)
             device = self.devices.device_of(tier)

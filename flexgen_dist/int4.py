@@ -125,6 +125,23 @@ def dequantize_int4(w: Int4Weight) -> torch.Tensor:
     return values[:n]
 
 
+def take_rows(w: Int4Weight, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (any shape) of the dense weight, dequantized from the CPU layout alone, with
+    `dequantize_int4`'s arithmetic (so bit for bit its rows): an embedding looked up in the
+    4-bit weight its tied output head multiplies with. Result: ids.shape + (K,)."""
+    if w.form != "cpu":
+        raise ValueError(f"rows cannot be taken from an int4 weight in {w.form} form")  # a dispatch bug
+    flat = ids.reshape(-1)
+    k = w.shape[1]
+    within = flat % BLOCK_N  # row b*64 + h*32 + j: byte j of block b at every k, nibble h
+    packed = w.data.view(-1, k, BLOCK_N // 2)[flat // BLOCK_N, :, within % (BLOCK_N // 2)]  # (n, K)
+    codes = torch.where((within >= BLOCK_N // 2)[:, None], packed >> 4, packed & 0xF).to(w.dtype)
+    grouped = codes.view(len(flat), k // w.group_size, w.group_size)
+    scale, zero = (w.scales_zeros[:, flat, i].T[..., None] for i in (0, 1))
+    grouped.sub_(ZERO_CODE).mul_(scale).add_(zero)
+    return codes.view(*ids.shape, k)
+
+
 def fake_quantize_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """What a packed-int4 run sees in place of `w`."""
     return dequantize_int4(quantize_int4(w, group_size))

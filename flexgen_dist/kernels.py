@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import probe
-from .int4 import Int4Weight, dequantize_int4
+from .int4 import Int4Weight, dequantize_int4, take_rows
 
 # above this many rows a CPU product dequantizes and multiplies dense: measured on AMX and AVX-512
 # CPUs, the int4 kernel's time grows with the rows while a dense bf16 product's hardly does
@@ -64,6 +64,14 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     if w.is_mkldnn:
         return probe.linear_packed(x, w, b)
     return F.linear(x, w, b)
+
+
+def embedding(ids: torch.Tensor, w) -> torch.Tensor:
+    """F.embedding, also for a 4-bit weight kept packed (a CPU's tied embedding and output head):
+    only the looked-up rows are dequantized."""
+    if isinstance(w, Int4Weight):
+        return take_rows(w, ids)
+    return F.embedding(ids, w)
 
 
 def describe(device: torch.device, dtype: torch.dtype) -> str:

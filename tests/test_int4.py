@@ -88,3 +88,15 @@ def test_bf16_packed_run_gives_the_dequantized_runs_tokens(opt_checkpoint, tmp_p
     assert torch.equal(packed_ids, dense_ids)
     for mine, theirs in zip(packed_logits, dense_logits):
         torch.testing.assert_close(mine, theirs, atol=0.05, rtol=0.05)
+
+
+def test_rows_taken_from_the_packed_form_are_the_dequantized_rows():
+    """What a tied embedding looks up in its packed weight: bit for bit the dense weight's rows,
+    in any index shape, from every position in the 64-row blocks (both nibbles)."""
+    w = quantize_int4(torch.randn(200, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16), 32)
+    ids = torch.tensor([[0, 31, 32, 63], [64, 100, 199, 5]])
+    got = kernels.embedding(ids, w)
+    assert got.shape == (2, 4, 128) and got.dtype == torch.bfloat16
+    assert torch.equal(got, dequantize_int4(w)[ids])
+    with pytest.raises(ValueError, match="cuda form"):
+        kernels.embedding(ids, Int4Weight(w.data, w.scales_zeros, w.shape, 32, form="cuda"))

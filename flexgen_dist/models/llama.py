@@ -14,7 +14,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ..kernels import linear
+from ..kernels import embedding, linear
 from .attention import attend
 from .base import EMBED, HEAD, Layer, ModelError, StepInputs, merge_layers, specs
 from .llama_config import BUILTIN, MODEL_TYPES, SPEC, LlamaSpec, spec_from_config
@@ -73,7 +73,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def embed(w, ids: torch.Tensor, inputs: StepInputs, *, spec: LlamaSpec) -> torch.Tensor:
-    return F.embedding(ids, w["embed_tokens"])
+    return embedding(ids, w["embed_tokens"])
 
 
 def attention(w, x, inputs: StepInputs, kv, *, spec: LlamaSpec, inv_freq: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ..kernels import linear
+from ..kernels import embedding, linear
 from .attention import attend
 from .base import (
     EMBED,
@@ -108,10 +108,10 @@ def _ln(x, w, prefix, eps):
 
 
 def embed(w, ids: torch.Tensor, inputs: StepInputs, *, spec: OPTSpec) -> torch.Tensor:
-    x = F.embedding(ids, w["embed_tokens"])
+    x = embedding(ids, w["embed_tokens"])
     if "project_in" in w:
         x = linear(x, w["project_in"])
-    return x + F.embedding(inputs.positions + POSITION_OFFSET, w["embed_positions"])
+    return x + embedding(inputs.positions + POSITION_OFFSET, w["embed_positions"])
 
 
 def attention(w, x, inputs: StepInputs, kv, *, spec: OPTSpec) -> torch.Tensor:
