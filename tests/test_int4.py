@@ -62,32 +62,41 @@ def test_cuda_form_cannot_be_dequantized():
         dequantize_int4(Int4Weight(w.data, w.scales_zeros, w.shape, 32, form="cuda"))
 
 
-def test_bf16_packed_run_gives_the_dequantized_runs_tokens(opt_checkpoint, tmp_path, monkeypatch):
+def test_bf16_packed_run_matches_the_dequantized_run(opt_checkpoint, tmp_path, monkeypatch):
     """In bf16, the engine's compute dtype where the int4 kernels are fast (tinygemm on a GPU takes
-    nothing else), multiplying from the codes chooses the tokens dequantize + dense chooses, with
-    logits equal to bf16 rounding; and the packed run really used the kernel for decode."""
+    nothing else), multiplying from the codes gives the logits dequantize + dense gives, to bf16
+    rounding, at every step of the same token sequence (the packed run is fed the dense run's
+    tokens), and the same choice wherever the dense choice is not a near-tie (on an H200 one row
+    of this tiny random model has its top two logits 0.008 apart); and the packed run really used
+    the kernel for decode."""
     from conftest import PROMPTS, _force_int4, count_int4_products
     from flexgen_dist import Engine, Policy
     path, _ = opt_checkpoint
+    tolerance = 0.05
+    calls = count_int4_products(monkeypatch)
 
-    def run(packed: bool):
+    def run(packed: bool, force=None):
         clear = _force_int4(monkeypatch, packed)
-        calls = count_int4_products(monkeypatch)
+        before = len(calls)
         engine = Engine.from_pretrained(path, policy=Policy(compress_weight=True, gpu_batch_size=5),
                                         offload_dir=tmp_path / str(packed), dtype="bfloat16")
         try:
             if packed and not kernels.use_int4(engine.devices.compute, torch.bfloat16):
                 pytest.skip(f"no int4 kernel for bf16 on {engine.devices.compute}")
-            return engine.generate(PROMPTS, max_new_tokens=8, return_logits=True), calls
+            ids, logits = engine.generate(PROMPTS, max_new_tokens=8, return_logits=True, force_tokens=force)
+            return ids, logits, calls[before:]
         finally:
             engine.close()
             clear()
-    (packed_ids, packed_logits), packed_calls = run(True)
-    (dense_ids, dense_logits), dense_calls = run(False)
+    dense_ids, dense_logits, dense_calls = run(False)
+    width = dense_ids.shape[1] - len(dense_logits)
+    _, packed_logits, packed_calls = run(True, force=dense_ids[:, width:])
     assert packed_calls and min(packed_calls) <= kernels.INT4_MAX_ROWS and not dense_calls
-    assert torch.equal(packed_ids, dense_ids)
     for mine, theirs in zip(packed_logits, dense_logits):
-        torch.testing.assert_close(mine, theirs, atol=0.05, rtol=0.05)
+        torch.testing.assert_close(mine, theirs, atol=tolerance, rtol=tolerance)
+        top2 = theirs.float().topk(2, dim=-1).values
+        clear = top2[:, 0] - top2[:, 1] > 2 * tolerance
+        assert torch.equal(mine.argmax(-1)[clear], theirs.argmax(-1)[clear])
 
 
 def test_rows_taken_from_the_packed_form_are_the_dequantized_rows():
