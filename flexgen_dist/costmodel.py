@@ -22,9 +22,9 @@ import torch
 
 from .compression import compressed_nbytes
 from .int4 import weight_parts
-from .hardware import (DECODE_CONTEXT, PREFILL_TOKENS, HardwareProfile, disk_key, dtype_name, layer_key, layer_kind,
-                       overhead_key)
-from .models.base import BLOCK, Layer
+from .hardware import (DECODE_CONTEXT, PREFILL_TOKENS, HardwareProfile, choice_key, disk_key, dtype_name, layer_key,
+                       layer_kind, overhead_key)
+from .models.base import BLOCK, HEAD, Layer
 from .policy import Policy, assign_weight_tiers
 
 RESOURCES = ("compute", "disk", "link")
@@ -148,6 +148,8 @@ def _compute(layer: Layer, step: Step, place: Placement, dtype: torch.dtype, mac
         for w in (w for w in layer.weights if w.linear):
             n, k = w.shape
             seconds += rates.matmul_s(dtype, step.rows, k, n)
+        if layer.part == HEAD:  # the next tokens chosen from its logits, every step
+            seconds += step.rows * machine.spec.vocab_size / rates.rates.get(choice_key(machine.spec.vocab_size), 1e12)
         return {"compute": seconds}
     measured = [_measured_layer(layer, step, dtype, machine, packed) for packed in (True, False)]
     return {"compute": job + resident * measured[0] + (1 - resident) * measured[1]

@@ -323,6 +323,23 @@ def _random_weight(w, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.full(w.shape, 1.0 if w.init == "ones" else 0.01, dtype=dtype, device=device)
 
 
+def measure_token_choice(profile: HardwareProfile, device: torch.device, vocab: int) -> None:
+    """Seconds per logit of choosing the next tokens (the last rank's checks and greedy choice over
+    float32 logits, every step), as logits per second."""
+    from .sampling import RowParams, TokenChooser
+
+    def measure() -> float:
+        rows = 64
+        chooser = TokenChooser([RowParams(max_tokens=1 << 30)] * rows, 0, rows, 1)
+        logits = torch.randn(rows, vocab, device=device)
+        return rows * vocab / _timed(device, lambda: chooser.choose(logits, 0, 0))
+    profile.ensure(choice_key(vocab), measure)
+
+
+def choice_key(vocab: int) -> str:
+    return f"token choice {vocab}"
+
+
 def measure_layer_overhead(profile: HardwareProfile, device: torch.device, dtype: torch.dtype, spec) -> None:
     """Seconds of fixed cost of a small schedule layer (the embedding): a lookup and a few ops."""
     def measure() -> float:
@@ -401,6 +418,7 @@ def profile_model(profile: HardwareProfile, device: torch.device, dtypes, spec, 
         measure_layer_overhead(profile, device, dtype, spec)
         measure_executor_overhead(profile, device, dtype, spec, family, offload_dir)
         measure_conversions(profile, device, dtype)
+    measure_token_choice(profile, device, spec.vocab_size)
     measure_disk(profile, offload_dir)
     profile.save()
 
