@@ -486,11 +486,15 @@ def measure_disk(profile: HardwareProfile, directory: str) -> None:
 CODE_RESERVE = 256 << 20  # libraries' pages a run touches after planning (oneDNN kernels, ...)
 
 
-def code_reserve() -> int:
+def code_reserve(resident_counted: bool = False) -> int:
     """Memory a plan must leave to the program's own files (torch's libraries are mapped, and their
     pages count against a memory cgroup like the page cache does): what is resident now, plus
     room for what the run will touch. Planning that memory away evicts them, and a run that
-    re-reads its own code from disk in every step is several times slower."""
+    re-reads its own code from disk in every step is several times slower. `resident_counted`:
+    the budget it is taken from already counts the resident pages as used (a cgroup's usage, or
+    --cpu-mem less the process's RSS), so only the room to grow is reserved."""
+    if resident_counted:
+        return CODE_RESERVE
     try:
         with open("/proc/self/status") as f:
             resident = next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
@@ -518,7 +522,7 @@ def budgets(device: torch.device, offload_dir: str, gpu_mem: float | None = None
     available, source = host_available()
     if cpu_mem is not None and int(cpu_mem * GiB) - rss < available:
         available, source = max(int(cpu_mem * GiB) - rss, 0), f"--cpu-mem {cpu_mem:g} GiB"
-    host = int(max(available - code_reserve(), 0) / MARGIN)
+    host = int(max(available - code_reserve(resident_counted=source != "available RAM"), 0) / MARGIN)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         compute = int((gpu_mem * GiB if gpu_mem is not None else free) / MARGIN)

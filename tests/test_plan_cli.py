@@ -105,3 +105,17 @@ def test_policy_auto_in_python(ckpt, tmp_path):
     with Engine.from_pretrained(ckpt, policy=policy, offload_dir=tmp_path, dtype=policy.planned_dtype) as engine:
         ids = engine.generate(PROMPTS, max_new_tokens=3, new_tokens_only=True)
     assert len(ids) == len(PROMPTS) and all(len(i) == 3 for i in ids)
+
+
+@pytest.mark.parametrize("source", ["available RAM", "memory cgroup limit"])
+def test_budgets_leave_the_code_its_pages_once(source, monkeypatch, tmp_path):
+    """The program's resident file pages are taken off a budget that does not count them already
+    (free RAM counts them as reclaimable); a cgroup's usage already holds them: only the room the
+    run's code grows into is kept back there."""
+    from flexgen_dist.budget import GiB, MARGIN
+    monkeypatch.setattr(hardware, "host_available", lambda: (8 * GiB, source))
+    got = hardware.budgets(torch.device("cpu"), str(tmp_path)).host
+    resident = hardware.code_reserve() - hardware.CODE_RESERVE
+    assert resident > 0
+    kept = hardware.CODE_RESERVE + (resident if source == "available RAM" else 0)
+    assert got == pytest.approx((8 * GiB - kept) / MARGIN, rel=1e-3)
