@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import re
 
 import contextlib
 from unittest import mock
@@ -78,19 +79,28 @@ def main() -> None:
     p.add_argument("--length", type=int, default=257, help="tokens per sequence (the first is the prompt)")
     p.add_argument("--offload-dir", default=os.path.expanduser("~/flexgen_offload_dir"))
     p.add_argument("--json", help="append the results here as one JSON line")
+    p.add_argument("--group-size", type=int, default=64, choices=int4.GROUP_SIZES,
+                   help="values per compression group (policy compress_group_size)")
+    p.add_argument("--variants", help="comma-separated variant names to run (default all; bf16, the "
+                   "baseline, always runs; a comma followed by a space is part of a name)")
     args = p.parse_args()
+    chosen = re.split(r",(?! )", args.variants) if args.variants else list(VARIANTS)
+    unknown = set(chosen) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    variants = {name: options for name, options in VARIANTS.items() if name in chosen or name == "bf16"}
     held = heldout_ids(args.model, args.sequences * args.length * 2)
     stride = (len(held) - args.length) // args.sequences
     sequences = torch.stack([held[i * stride:i * stride + args.length] for i in range(args.sequences)])
     targets = sequences[:, 1:]
     results, greedy = {}, {}
-    for name, options in VARIANTS.items():
-        logits = score(args.model, sequences, args.offload_dir, **options)
+    for name, options in variants.items():
+        logits = score(args.model, sequences, args.offload_dir, compress_group_size=args.group_size, **options)
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).item()
         greedy[name] = logits.argmax(-1)
         results[name] = {"perplexity": math.exp(nll)}
     base = results["bf16"]["perplexity"]
-    for name in VARIANTS:
+    for name in variants:
         results[name]["vs_bf16"] = results[name]["perplexity"] / base - 1
         results[name]["greedy_agreement"] = (greedy[name] == greedy["bf16"]).float().mean().item()
     positions = targets.numel()
@@ -100,7 +110,8 @@ def main() -> None:
         print(f"{name:32s} {r['perplexity']:10.3f} {r['vs_bf16']:+8.2%} {r['greedy_agreement']:10.2%}")
     if args.json:
         with open(args.json, "a") as f:
-            f.write(json.dumps({"model": args.model, "positions": positions, "results": results}) + "\n")
+            f.write(json.dumps({"model": args.model, "positions": positions, "group_size": args.group_size,
+                                "results": results}) + "\n")
 
 
 if __name__ == "__main__":
