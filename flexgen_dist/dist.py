@@ -260,6 +260,9 @@ def watch_launcher(ctx: DistContext, poll_s: float = LAUNCHER_POLL_S) -> None:
     threading.Thread(target=watch, name="flexgen-launcher-watch", daemon=True).start()
 
 
+FAILURE_POLL_S = 0.05
+
+
 def watch_for_failures(ctx: DistContext) -> None:
     """On rank 0 (under MPI): a thread that waits for another rank's failure report, prints it and
     ends the job, even while the main thread is blocked waiting on that rank's stage."""
@@ -267,7 +270,11 @@ def watch_for_failures(ctx: DistContext) -> None:
         return
 
     def watch():
-        message = ctx.mpi.recv(source=-1, tag=ERROR_TAG)  # MPI.ANY_SOURCE
+        # a blocking receive would spin a core in MPI's progress loop for the whole job (a rank's
+        # share of the cores where ranks share a node): probe and sleep instead
+        while not ctx.mpi.iprobe(source=-1, tag=ERROR_TAG):  # MPI.ANY_SOURCE
+            time.sleep(FAILURE_POLL_S)
+        message = ctx.mpi.recv(source=-1, tag=ERROR_TAG)
         if message is not None:
             exit_now(2, f"error: {message}")
     threading.Thread(target=watch, name="flexgen-failure-watch", daemon=True).start()

@@ -196,3 +196,30 @@ def test_prefill_chunks_must_be_positive(six_layers, tmp_path):
     path, _ = six_layers
     with pytest.raises(Exception, match="prefill_chunks must be at least 1"):
         Engine.from_pretrained(path, offload_dir=tmp_path, prefill_chunks=0)
+
+
+WATCH_IDLE = """
+import sys, threading, time
+from flexgen_dist import dist
+ctx = dist.detect()
+dist.watch_for_failures(ctx)
+if ctx.first:
+    t0, cpu0 = time.monotonic(), time.process_time()
+    time.sleep(2.0)
+    print(f"busy {(time.process_time() - cpu0) / (time.monotonic() - t0):.3f}")
+    dist.stop_watching(ctx)
+ctx.mpi.Barrier()
+"""
+
+
+@needs_mpi
+@pytest.mark.timeout(120)
+def test_rank0_waits_for_failure_reports_without_spinning(tmp_path):
+    """Rank 0's watcher for failure reports costs no CPU while nothing fails: a blocking MPI
+    receive would spin a core for the whole job, the core the ranks share on one node."""
+    script = tmp_path / "watch.py"
+    script.write_text(WATCH_IDLE)
+    done = mpirun(2, [script], timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    busy = float(re.search(r"busy ([\d.]+)", done.stdout).group(1))
+    assert busy < 0.2, done.stdout
