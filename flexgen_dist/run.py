@@ -194,7 +194,8 @@ def finish(args, engine: Engine, stages: list[dict], prediction: dict) -> None:
     if args.log_file:
         width = info.max_prompt_len or args.prompt_len
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": args.model, "ranks": len(stages),
-                 **engine.kernels, "policy": engine.policy.describe(), "gen_len": args.max_new_tokens,
+                 **engine.kernels, "policy": engine.policy.describe(), "micro_batches": engine.micro_batches,
+                 "prefill_chunks": engine.prefill_chunks, "gen_len": args.max_new_tokens,
                  "prompt_len": width, **stats.as_dict(), "batch": vars(info), "output": args.output,
                  "stages": stages, "plan": {k: v for k, v in prediction.items() if k != "lines"},
                  "predicted_bytes": {t.value: n for t, n in predicted_bytes(engine, width, args.max_new_tokens).items()}}
