@@ -32,7 +32,9 @@ VARIANTS = {
     "fp32": dict(dtype="float32"),
     "bf16": dict(dtype="bfloat16"),
     "bf16 + 4-bit weights": dict(dtype="bfloat16", compress_weight=True),
-    "bf16 + 4-bit weights, FlexGen grouping": dict(dtype="bfloat16", compress_weight=True, flexgen_grouping_=True),
+    "bf16 + 4-bit weights and embeddings": dict(dtype="bfloat16", compress_weight=True, compress_embeddings=True),
+    "bf16 + 4-bit weights, FlexGen grouping": dict(dtype="bfloat16", compress_weight=True, compress_embeddings=True,
+                                                   flexgen_grouping_=True),
     "bf16 + 4-bit cache": dict(dtype="bfloat16", compress_cache=True),
     "bf16 + 4-bit weights + cache": dict(dtype="bfloat16", compress_weight=True, compress_cache=True),
 }
@@ -40,11 +42,13 @@ VARIANTS = {
 
 def flexgen_grouping():
     """The engine's weight compression as FlexGen (and this project before the int4 kernels) did
-    it: groups along output channels (dim 0), min and step per group, dequantized before use."""
+    it: groups along output channels (dim 0), min and step per group, dequantized before use, the
+    vocabulary tables compressed too."""
     stack = contextlib.ExitStack()
     stack.enter_context(mock.patch.object(int4, "fits", lambda *args: False))
     stack.enter_context(mock.patch.object(Policy, "weight_compression", lambda self: CompressionConfig(
-        self.compress_bits, self.compress_group_size, dim=0) if self.compress_weight else None))
+        self.compress_bits, self.compress_group_size, dim=0, tables=self.compress_embeddings)
+        if self.compress_weight else None))
     return stack
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from .compression import compressed_nbytes
+from .compression import compressed_nbytes, compresses
 from .int4 import weight_parts
 from .errors import FlexGenError
 from .models.base import Layer
@@ -64,7 +64,7 @@ def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is
     compression = policy.weight_compression()
 
     def stored(w) -> int:
-        if compression is not None and w.compressible:
+        if compresses(compression, w.compressible):
             return sum(weight_parts(w.shape, dtype, compression))
         return torch.Size(w.shape).numel() * _elem(dtype)
 

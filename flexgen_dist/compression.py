@@ -20,6 +20,7 @@ class CompressionConfig:
     num_bits: int = 4
     group_size: int = 64
     dim: int = 0  # the dimension cut into groups: weights use 0 (FlexGen), the KV cache its head_dim
+    tables: bool = True  # weights: the vocabulary tables (embeddings, output head) are compressed too
 
     def __post_init__(self):
         if self.num_bits not in (4, 8):
@@ -125,3 +126,9 @@ def dequantize(c: CompressedTensor) -> torch.Tensor:
 def fake_quantize(x: torch.Tensor, config: CompressionConfig) -> torch.Tensor:
     """quantize then dequantize: what a compressed run sees in place of x."""
     return dequantize(quantize(x, config))
+
+
+def compresses(config: CompressionConfig | None, compressible) -> bool:
+    """Whether a weight whose spec says `compressible` (False, True, or "table": an embedding or
+    output head over the vocabulary) is stored compressed under `config`."""
+    return config is not None and bool(compressible) and (compressible != "table" or config.tables)

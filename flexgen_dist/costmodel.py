@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .compression import compressed_nbytes
+from .compression import compressed_nbytes, compresses
 from .int4 import weight_parts
 from .hardware import (DECODE_CONTEXT, PREFILL_TOKENS, HardwareProfile, choice_key, disk_key, dtype_name, layer_key,
                        layer_kind, overhead_key)
@@ -83,7 +83,7 @@ def elem(dtype: torch.dtype) -> int:
 def stored_bytes(layer: Layer, policy: Policy, dtype: torch.dtype) -> list[int]:
     """Each weight's bytes as stored (compressed where the policy compresses it)."""
     config = policy.weight_compression()
-    return [sum(weight_parts(w.shape, dtype, config)) if config and w.compressible
+    return [sum(weight_parts(w.shape, dtype, config)) if compresses(config, w.compressible)
             else torch.Size(w.shape).numel() * elem(dtype) for w in layer.weights]
 
 
@@ -129,7 +129,8 @@ def _weight_load(layer: Layer, policy: Policy, place: Placement, dtype: torch.dt
     if not machine.cpu:
         cost["link"] = (host + disk) * stored / rates.rate("copy to compute")
     if policy.compress_weight:
-        dense = sum(torch.Size(w.shape).numel() * elem(dtype) for w in layer.weights if w.compressible)
+        config = policy.weight_compression()
+        dense = sum(torch.Size(w.shape).numel() * elem(dtype) for w in layer.weights if compresses(config, w.compressible))
         cost["compute"] = dense / rates.rate(f"decompress {name}")
     return cost
 

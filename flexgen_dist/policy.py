@@ -51,6 +51,10 @@ class Policy:
     """Run decode attention on the CPU where the cache lives (only differs from the default on a GPU)."""
     compress_weight: bool = False
     """Store matmul weights as group-wise quantized codes on every tier; decompress just before use."""
+    compress_embeddings: bool = False
+    """With --compress-weight, quantize the vocabulary tables too (token and position embeddings,
+    output head). Off by default, as most 4-bit formats keep them 16-bit: a small share of a large
+    model's bytes and a large share of its quantization error (benchmark/RESULTS.md)."""
     compress_cache: bool = False
     """Store the KV cache quantized on every tier; compress on store, decompress on load."""
     compress_bits: Literal[4, 8] = 4
@@ -61,7 +65,9 @@ class Policy:
     def weight_compression(self) -> CompressionConfig | None:
         """Weights are grouped along their input dimension (dim 1), as the int4 matmul kernels read
         them (FlexGen groups output channels, dim 0; benchmark/RESULTS.md compares the two)."""
-        return CompressionConfig(self.compress_bits, self.compress_group_size, dim=1) if self.compress_weight else None
+        if not self.compress_weight:
+            return None
+        return CompressionConfig(self.compress_bits, self.compress_group_size, dim=1, tables=self.compress_embeddings)
 
     def cache_compression(self) -> CompressionConfig | None:
         """The cache is grouped along head_dim (set per layer; dim here is a placeholder)."""

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .budget import require_disk_space
 from . import int4
-from .compression import CompressedTensor, CompressionConfig, quantize
+from .compression import CompressedTensor, CompressionConfig, compresses, quantize
 from .memory import DamagedFile, StoreError, nbytes, padded, read_file, write_file
 from .models import ModelError, ModelSpec, builtin_spec, family_of, spec_from_dir
 from .models.base import WeightSpec
@@ -316,7 +316,7 @@ class TensorStore:
     def file_sizes(self, spec: WeightSpec) -> list[int]:
         """Bytes on disk of `spec`'s files once converted (padded for O_DIRECT)."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        if self.compression is None or not spec.compressible:
+        if not compresses(self.compression, spec.compressible):
             return [padded(torch.Size(spec.shape).numel() * elem)]
         return [padded(n) for n in int4.weight_parts(spec.shape, self.dtype, self.compression)]
 
@@ -326,7 +326,7 @@ class TensorStore:
     def _convert(self, spec: WeightSpec, t: torch.Tensor) -> dict:
         """Write one tensor's files; its manifest entry records their XXH3 checksums."""
         entry = {"shape": list(spec.shape), "nbytes": t.numel() * t.element_size()}
-        if self.compression is None or not spec.compressible:
+        if not compresses(self.compression, spec.compressible):
             entry["xxh3"] = {"raw": write_file(os.path.join(self.root, spec.name + ".bin"), t)}
             return entry
         config = self.compression

@@ -13,23 +13,28 @@ from flexgen_dist.kvcache import KVCache
 from test_equivalence import PLACEMENTS
 
 NEW_TOKENS = 10
-# lm_head is tied to embed_tokens: quantize it too, or loading it would undo embed_tokens
-COMPRESSED = re.compile(r"(proj|fc1|fc2|embed_tokens|embed_positions|project_in|project_out|lm_head)\.weight$")
+COMPRESSED = re.compile(r"(proj|fc1|fc2|project_in|project_out)\.weight$")
+# the vocabulary tables, with --compress-embeddings (lm_head is tied to embed_tokens: quantize it
+# too, or loading it would undo embed_tokens)
+TABLES = re.compile(r"(embed_tokens|embed_positions|lm_head)\.weight$")
 
 
-@pytest.fixture(scope="module")
-def fake_quantized_checkpoint(opt_checkpoint, tmp_path_factory):
+def fake_quantize_checkpoint(opt_checkpoint, out, tables: bool) -> str:
     """The same model with every compressed weight replaced by its quantize -> dequantize image in
     the layout the store keeps (the int4 kernel's where the shape fits it)."""
     path, model = opt_checkpoint
     weight_config = Policy(compress_weight=True).weight_compression()
-    state = {k: (fake_quantize_weight(v, weight_config) if COMPRESSED.search(k) else v)
-             for k, v in model.state_dict().items()}
+    chosen = lambda k: COMPRESSED.search(k) or (tables and TABLES.search(k))  # noqa: E731
+    state = {k: (fake_quantize_weight(v, weight_config) if chosen(k) else v) for k, v in model.state_dict().items()}
     clone = type(model)(model.config).eval()
     clone.load_state_dict(state)
-    out = tmp_path_factory.mktemp("fakeq")
     clone.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def fake_quantized_checkpoint(opt_checkpoint, tmp_path_factory):
+    return fake_quantize_checkpoint(opt_checkpoint, tmp_path_factory.mktemp("fakeq"), tables=False)
 
 
 def fake_quantized_cache(monkeypatch):
@@ -105,3 +110,21 @@ def test_compression_changes_the_output(opt_checkpoint, reference, tmp_path):
     path, _ = opt_checkpoint
     plain = generate(path, tmp_path, gpu_batch_size=5)
     assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(plain[1], reference["both"][1]))
+
+
+def test_embeddings_are_compressed_on_request(opt_checkpoint, tmp_path, int4_mode, monkeypatch):
+    """--compress-embeddings quantizes the vocabulary tables too (a CPU's tied embedding then stays
+    packed: lookups take rows from the codes, the head multiplies from them), on every tier."""
+    path, _ = opt_checkpoint
+    reference = generate(fake_quantize_checkpoint(opt_checkpoint, tmp_path / "fakeq", tables=True),
+                         tmp_path / "ref", gpu_batch_size=5)
+    calls = count_int4_products(monkeypatch)
+    for i, percent in enumerate(([100, 0, 100, 0, 100, 0], [30, 30, 40, 30, 100, 0])):
+        run = generate(path, tmp_path / str(i), percent=percent, gpu_batch_size=5, compress_weight=True,
+                       compress_embeddings=True)
+        assert_same(run, reference)
+    assert_int4_path(int4_mode, calls)
+    plain = generate(path, tmp_path / "plain", gpu_batch_size=5, compress_weight=True)
+    assert not torch.equal(plain[0], reference[0]) or not all(
+        torch.allclose(a, b, atol=1e-4) for a, b in zip(plain[1], reference[1]))
+

@@ -22,6 +22,7 @@ import torch
 from ..errors import FlexGenError
 
 EMBED, BLOCK, HEAD = "embed", "block", "head"
+TABLE = "table"  # `WeightSpec.compressible` of a vocabulary table (embedding, output head): compressed only on request
 
 
 class ModelError(FlexGenError):
@@ -89,7 +90,7 @@ class WeightSpec:
     key: str
     name: str
     shape: tuple[int, ...]
-    compressible: bool = False  # matmul weights only; never norm parameters or biases
+    compressible: bool | str = False  # matmul weights (True) and vocabulary tables (TABLE); never norms or biases
     linear: bool = False  # used as a `kernels.linear` weight (may be packed for the device)
     init: str = "normal"
 

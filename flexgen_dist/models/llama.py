@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..kernels import embedding, linear
 from .attention import attend
-from .base import EMBED, HEAD, Layer, ModelError, StepInputs, merge_layers, specs
+from .base import EMBED, HEAD, TABLE, Layer, ModelError, StepInputs, merge_layers, specs
 from .llama_config import BUILTIN, MODEL_TYPES, SPEC, LlamaSpec, spec_from_config
 
 __all__ = ["BUILTIN", "MODEL_TYPES", "SPEC", "build_layers", "checkpoint_key_to_name", "flops_per_token",
@@ -148,14 +148,14 @@ def build_layers(spec: LlamaSpec, first: int = 0, last: int | None = None,
     inv_freq = rope_inv_freq(spec)
     layers: list[Layer] = []
     if with_embed:
-        entries = [("embed_tokens", "embed_tokens.weight", table, True)]
+        entries = [("embed_tokens", "embed_tokens.weight", table, TABLE)]
         layers.append(Layer("embed", specs("", entries), partial(embed, spec=spec), part=EMBED))
     for i in range(first, last):
         parts = _block(spec, i, inv_freq)
         layers.extend(parts if sep_layer else [merge_layers(f"block.{i}", parts)])
     if with_head:
         head = "embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
-        entries = _norm("norm.weight", "norm.weight", spec.hidden_size) + [("lm_head", head, table, True, True)]
+        entries = _norm("norm.weight", "norm.weight", spec.hidden_size) + [("lm_head", head, table, TABLE, True)]
         layers.append(Layer("head", specs("", entries), partial(output_head, spec=spec), part=HEAD))
     return layers
 

@@ -15,6 +15,7 @@ from .attention import attend
 from .base import (
     EMBED,
     HEAD,
+    TABLE,
     Layer,
     ModelError,
     ModelSpec,
@@ -174,8 +175,8 @@ def build_layers(spec: OPTSpec, first: int = 0, last: int | None = None,
     h, e = spec.hidden_size, spec.embed_dim
     layers: list[Layer] = []
     if with_embed:
-        entries = [("embed_tokens", "embed_tokens.weight", (spec.vocab_size, e), True),
-                   ("embed_positions", "embed_positions.weight", (spec.max_positions + POSITION_OFFSET, h), True)]
+        entries = [("embed_tokens", "embed_tokens.weight", (spec.vocab_size, e), TABLE),
+                   ("embed_positions", "embed_positions.weight", (spec.max_positions + POSITION_OFFSET, h), TABLE)]
         if spec.word_embed_proj_dim:
             entries.append(("project_in", "project_in.weight", (h, e), True, True))
         layers.append(Layer("embed", specs("decoder.", entries), partial(embed, spec=spec), part=EMBED))
@@ -195,6 +196,6 @@ def build_layers(spec: OPTSpec, first: int = 0, last: int | None = None,
             entries += _layer_norm("ln", "final_layer_norm", h)
         if spec.word_embed_proj_dim:
             entries.append(("project_out", "project_out.weight", (e, h), True, True))
-        entries.append(("embed_tokens", "embed_tokens.weight", (spec.vocab_size, e), True, True))
+        entries.append(("embed_tokens", "embed_tokens.weight", (spec.vocab_size, e), TABLE, True))
         layers.append(Layer("head", specs("decoder.", entries), partial(output_head, spec=spec), part=HEAD))
     return layers
