@@ -77,7 +77,8 @@ def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is
             if tier is Tier.DISK:
                 disk += size
             dense = torch.Size(w.shape).numel() * _elem(dtype)
-            used_in_place = (tier is Tier.COMPUTE or (tier is Tier.HOST and host_is_compute)) and size == dense
+            # on a CPU a plain weight read from disk is used where it lands, in the read buffers
+            used_in_place = (tier is Tier.COMPUTE or host_is_compute) and size == dense
             if not used_in_place:
                 moved += dense
         in_flight.append(moved)

@@ -185,8 +185,11 @@ class LocalExecutor:
         # all of a layer's disk reads in flight at once: one request at a time leaves the SSD idle
         loaded = list(_WEIGHT_READERS.map(lambda home: home.load(self.devices, alloc), homes))
         tensors = {w.key: t for w, t in zip(specs, loaded)}
-        # what this use materialised on the compute device: read, copied or decompressed tensors
-        moved = sum(t.nbytes for t, home in zip(loaded, homes) if t is not home.value)
+        # what this use materialised on the compute device: copied or decompressed tensors, and
+        # reads unless they are used where they landed (a CPU's read slab, counted once as such)
+        slab_memory = slab.buf.untyped_storage().data_ptr() if alloc is not None else None
+        in_slab = lambda t: isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == slab_memory  # noqa: E731
+        moved = sum(t.nbytes for t, home in zip(loaded, homes) if t is not home.value and not in_slab(t))
         self.devices.usage[Tier.COMPUTE].add(moved)
         return LoadedWeights(tensors, moved)
 
