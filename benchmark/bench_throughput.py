@@ -35,7 +35,8 @@ def flops(spec, batch: int, prompt: int, gen: int) -> tuple[float, float]:
 def run_engine(args, gbs: int, ngb: int, roofline: dict) -> dict:
     spec = builtin_spec(args.model)
     policy = Policy.from_percent(args.percent, gpu_batch_size=gbs, num_gpu_batches=ngb, overlap=args.overlap,
-                                 compress_weight=args.compress_weight, compress_cache=args.compress_cache)
+                                 compress_weight=args.compress_weight, compress_cache=args.compress_cache,
+                                 compress_embeddings=args.compress_embeddings)
     engine = Engine.from_pretrained(args.model, policy=policy, offload_dir=args.offload_dir,
                                     dummy_weights=True, dtype=args.dtype)
     n = gbs * ngb
@@ -100,6 +101,7 @@ def main() -> None:
     p.add_argument("--overlap", type=int, default=1)
     p.add_argument("--compress-weight", action="store_true")
     p.add_argument("--compress-cache", action="store_true")
+    p.add_argument("--compress-embeddings", action="store_true", help="4-bit embeddings and output head too")
     p.add_argument("--dtype", default="auto", help="auto (the probe's choice), float32 or bfloat16")
     p.add_argument("--offload-dir", default=os.path.expanduser("~/flexgen_offload_dir"))
     p.add_argument("--drop-cache", action="store_true", help="drop the page cache before each timed run (root)")
