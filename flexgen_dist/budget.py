@@ -176,9 +176,12 @@ def limit_host_memory(total_bytes: int | None) -> None:
     _HOST_LIMIT[:] = [] if total_bytes is None else [int(total_bytes)]
 
 
+FREE_RAM = "available RAM"  # host_available's source when no limit is tighter: it counts no page as ours
+
+
 def host_available() -> tuple[int, str]:
     """(bytes this process may still allocate in host memory, where that number comes from)."""
-    found = [(psutil.virtual_memory().available, "available RAM")]
+    found = [(psutil.virtual_memory().available, FREE_RAM)]
     cgroup = cgroup_memory_available()
     if cgroup is not None:
         found.append((cgroup, "memory cgroup limit"))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import FlexGenError
+from .models.base import TABLE
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,6 @@ def fake_quantize(x: torch.Tensor, config: CompressionConfig) -> torch.Tensor:
 
 
 def compresses(config: CompressionConfig | None, compressible) -> bool:
-    """Whether a weight whose spec says `compressible` (False, True, or "table": an embedding or
+    """Whether a weight whose spec says `compressible` (False, True, or TABLE: an embedding or
     output head over the vocabulary) is stored compressed under `config`."""
-    return config is not None and bool(compressible) and (compressible != "table" or config.tables)
+    return config is not None and bool(compressible) and (compressible != TABLE or config.tables)

@@ -188,7 +188,9 @@ class LocalExecutor:
         # what this use materialised on the compute device: copied or decompressed tensors, and
         # reads unless they are used where they landed (a CPU's read slab, counted once as such)
         slab_memory = slab.buf.untyped_storage().data_ptr() if alloc is not None else None
-        in_slab = lambda t: isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == slab_memory  # noqa: E731
+
+        def in_slab(t) -> bool:
+            return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == slab_memory
         moved = sum(t.nbytes for t, home in zip(loaded, homes) if t is not home.value and not in_slab(t))
         self.devices.usage[Tier.COMPUTE].add(moved)
         return LoadedWeights(tensors, moved)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .budget import MARGIN, host_available
+from .budget import FREE_RAM, MARGIN, host_available
 from .compression import CompressionConfig, dequantize, quantize
 from .memory import aligned_empty, read_file, write_file
 from .models.attention import attend
@@ -522,7 +522,7 @@ def budgets(device: torch.device, offload_dir: str, gpu_mem: float | None = None
     available, source = host_available()
     if cpu_mem is not None and int(cpu_mem * GiB) - rss < available:
         available, source = max(int(cpu_mem * GiB) - rss, 0), f"--cpu-mem {cpu_mem:g} GiB"
-    host = int(max(available - code_reserve(resident_counted=source != "available RAM"), 0) / MARGIN)
+    host = int(max(available - code_reserve(resident_counted=source != FREE_RAM), 0) / MARGIN)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         compute = int((gpu_mem * GiB if gpu_mem is not None else free) / MARGIN)
