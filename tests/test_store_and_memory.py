@@ -8,6 +8,8 @@ import torch
 
 from conftest import PROMPTS, make_checkpoint, run_cli
 from flexgen_dist import Engine, Policy, Tier
+from flexgen_dist.generation import open_store
+from flexgen_dist.weights import resolve_model
 
 
 def store_dir(offload):
@@ -155,3 +157,15 @@ def test_disk_weights_share_two_reused_read_buffers(tmp_path, sep_layer, compres
         finally:
             engine.close()
     assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[3])
+
+
+def test_each_weight_compression_has_its_own_store_directory(tmp_path):
+    """Switching --compress-embeddings (or the group size) back and forth opens a store of its own
+    each time instead of converting one directory over and over."""
+    model = resolve_model("opt-125m", dummy_weights=True)
+    names = set()
+    for tables, group in ((False, 64), (True, 64), (False, 32)):
+        policy = Policy(compress_weight=True, compress_embeddings=tables, compress_group_size=group)
+        names.add(os.path.basename(open_store(str(tmp_path), model, torch.bfloat16, policy).root))
+    names.add(os.path.basename(open_store(str(tmp_path), model, torch.bfloat16, Policy()).root))
+    assert len(names) == 4, names
