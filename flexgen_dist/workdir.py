@@ -161,11 +161,16 @@ _stopping = threading.Lock()
 
 def _stop(number: int) -> None:
     """Clean up and exit. A signal may reach both the Python handler and the pipe reader: the
-    first caller does the work, a second one waits for the exit (it must not exit halfway)."""
+    first caller does the work, a second one waits for the exit (it must not exit halfway). The
+    exit happens whatever fails on the way: with the launcher gone, writing to its stderr pipe
+    raises, and an exception here would leave the lock held and every later signal ignored."""
     _stopping.acquire()
-    print(f"{signal.Signals(number).name}: stopped; temporary files removed", file=sys.stderr, flush=True)
-    remove_all()
-    os._exit(EXIT_SIGNALS[number])
+    try:
+        remove_all()
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stderr
+            print(f"{signal.Signals(number).name}: stopped; temporary files removed", file=sys.stderr, flush=True)
+    finally:
+        os._exit(EXIT_SIGNALS[number])
 
 
 atexit.register(remove_all)

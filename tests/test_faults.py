@@ -152,6 +152,29 @@ def test_a_signal_during_decode_removes_every_temporary_file(ckpt, tmp_path, sig
     assert list((tmp_path / "work").iterdir()) == []
 
 
+CHILD_WITH_A_WORK_DIR = """
+import sys, time
+from flexgen_dist.workdir import exit_cleanly_on_signals, open_work_dir
+exit_cleanly_on_signals()
+print(open_work_dir(sys.argv[1]), flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_signal_after_the_launcher_died_still_ends_the_process(tmp_path):
+    """With the launcher gone its stderr pipe is broken: the stop message cannot be written, and
+    the process must still remove its files and exit (before, it kept the stop lock and hung)."""
+    proc = subprocess.Popen([sys.executable, "-c", CHILD_WITH_A_WORK_DIR, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    work_dir = Path(proc.stdout.readline().strip())
+    assert work_dir.is_dir()
+    proc.stderr.close()  # the launcher's end of the pipe, gone with it
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+    assert not work_dir.exists()
+
+
 @pytest.mark.timeout(240)
 def test_files_of_killed_processes_are_removed_by_the_next_run_never_a_live_ones(ckpt, tmp_path):
     dead = long_job(ckpt, tmp_path)
