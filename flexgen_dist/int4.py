@@ -22,6 +22,7 @@ import torch
 BLOCK_N = 64  # rows per block of the CPU layout
 GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the kernels accept
 ZERO_CODE = 8  # codes are offsets from zero: value = (code - 8) * scale + zero
+QUANTIZE_ROWS = 64 * BLOCK_N  # rows quantized at a time (a multiple of BLOCK_N: only the last part is padded)
 
 
 @dataclass
@@ -99,8 +100,14 @@ def _from_layout(data: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> Int4Weight:
-    """`w` (N, K) in the CPU layout, grouped along K; every value within half a step of the original."""
+    """`w` (N, K) in the CPU layout, grouped along K; every value within half a step of the original.
+    Large weights are quantized QUANTIZE_ROWS rows at a time (whole blocks of the layout), so the
+    float32 temporaries stay small: a vocabulary table's would otherwise be several times its size."""
     n, k = w.shape
+    if n > QUANTIZE_ROWS:
+        parts = [quantize_int4(w[i:i + QUANTIZE_ROWS], group_size) for i in range(0, n, QUANTIZE_ROWS)]
+        return Int4Weight(torch.cat([p.data for p in parts]), torch.cat([p.scales_zeros for p in parts], dim=1),
+                          (n, k), group_size)
     groups = w.float().reshape(n, k // group_size, group_size)
     scale, zero = _scales_zeros(groups, w.dtype)
     safe = torch.where(scale > 0, scale.float(), torch.ones_like(groups[..., 0]))

@@ -3,7 +3,7 @@ dispatch between the kernel (few rows) and dequantize + dense (many rows)."""
 import pytest
 import torch
 
-from flexgen_dist import kernels, probe
+from flexgen_dist import int4, kernels, probe
 from flexgen_dist.compression import CompressionConfig
 from flexgen_dist.int4 import Int4Weight, _to_layout, dequantize_int4, padded_rows, quantize_int4, weight_parts
 
@@ -40,6 +40,17 @@ def test_weights_on_the_grid_come_back_exactly():
     again = quantize_int4(grid, 32)
     assert torch.equal(again.data, first.data)
     torch.testing.assert_close(dequantize_int4(again), grid, atol=1e-6, rtol=1e-6)
+
+
+def test_a_large_weight_quantized_in_parts_is_the_weight_quantized_whole(monkeypatch):
+    """Quantizing a vocabulary-sized table part by part (bounded temporaries) gives exactly the
+    codes, scales and padding of quantizing it at once."""
+    w = torch.randn(300, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    whole = quantize_int4(w, 32)
+    monkeypatch.setattr(int4, "QUANTIZE_ROWS", 128)
+    parts = quantize_int4(w, 32)
+    assert torch.equal(parts.data, whole.data) and torch.equal(parts.scales_zeros, whole.scales_zeros)
+    assert parts.shape == whole.shape == (300, 128)
 
 
 @pytest.mark.skipif(not HAS_CPU_KERNEL, reason="this PyTorch has no CPU int4 kernel")
