@@ -51,7 +51,8 @@ def run_one(model: str, limit: str, prompt_len: int, gen_len: int, prompts: int,
                        policy=entry["policy"], dtype=entry["dtype"], peak_rss=entry["peak_rss_bytes"],
                        prefill_s=entry["prefill_latency_s"], decode_s=entry["decode_latency_s"],
                        predicted_prefill_s=entry["plan"].get("predicted_prefill_s"),
-                       predicted_decode_s=entry["plan"].get("predicted_decode_s"))
+                       predicted_decode_s=entry["plan"].get("predicted_decode_s"),
+                       predicted_bytes=entry.get("predicted_bytes"))
         else:
             out["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
         return out
@@ -63,11 +64,12 @@ def main() -> int:
     p.add_argument("--offload-dir", default=os.path.expanduser("~/flexgen_offload_dir"))
     p.add_argument("--only", type=int, nargs="*", help="indexes of CONFIGS to run")
     p.add_argument("--auto-only", action="store_true", help="only the --policy auto run of each configuration")
+    p.add_argument("--repeat", type=int, default=1, help="runs of the auto plan per configuration (the table takes the median)")
     args = p.parse_args()
     for i, (model, limit, plen, glen, n) in enumerate(CONFIGS):
         if args.only and i not in args.only:
             continue
-        runs = [("auto", ["--policy", "auto"])]
+        runs = [("auto", ["--policy", "auto"])] * args.repeat
         runs += [] if args.auto_only else [(f"w{w}-b{b}x{g}", ["--percent", str(w), "0", "100", "0", "100", "0", "--gpu-batch-size", str(b),
                                     "--num-gpu-batches", str(g), "--dtype", "bfloat16"]) for w, b, g in GRID]
         for name, policy in runs:

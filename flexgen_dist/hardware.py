@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from .models.attention import attend
 from .models.base import BLOCK
 from .workdir import partial_file
 
-PROFILE_VERSION = 6
+PROFILE_VERSION = 7  # 7: medians instead of the fastest call
 MATMUL_ROWS = (1, 8, 32, 128, 512)  # rows of a product measured; others are interpolated
 MAX_FLOP_PER_CALL = 4e9  # bigger products are not timed beyond this size (the rate has saturated)
 DISK_PROBE_BYTES = 256 << 20
@@ -43,16 +44,17 @@ MIN_DISK_PROBE_BYTES = 16 << 20
 GiB = 1 << 30
 
 
-def _best_time(fn: Callable[[], object], budget_s: float = 0.15, at_most: int = 20, at_least: int = 3) -> float:
-    """The fastest of a few calls after a warm-up (the least disturbed by a busy machine)."""
+def _typical_time(fn: Callable[[], object], budget_s: float = 0.15, at_most: int = 20, at_least: int = 3) -> float:
+    """The median of a few calls after a warm-up: what a run sees from call to call. (The fastest
+    call, used before, made every prediction 10-20 % optimistic; the median still ignores the odd
+    call that another process disturbed.)"""
     fn()
-    best, spent, calls = float("inf"), 0.0, 0
-    while calls < at_least or (spent < budget_s and calls < at_most):
+    times: list[float] = []
+    while len(times) < at_least or (sum(times) < budget_s and len(times) < at_most):
         t0 = time.perf_counter()
         fn()
-        dt = time.perf_counter() - t0
-        best, spent, calls = min(best, dt), spent + dt, calls + 1
-    return best
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _sync(device: torch.device) -> None:
@@ -64,12 +66,12 @@ def _timed(device: torch.device, fn: Callable[[], object], at_least: int = 3) ->
     def call():
         fn()
         _sync(device)
-    return _best_time(call, at_least=at_least)
+    return _typical_time(call, at_least=at_least)
 
 
 def _timed_cycle(device: torch.device, cycle: Callable[[], object]) -> float:
-    """A cycle over many copies already averages; two timed rounds after a warm-up suffice."""
-    return _best_time(lambda: (cycle(), _sync(device)), budget_s=0.0, at_least=2)
+    """A cycle over many copies already averages; three timed rounds after a warm-up suffice."""
+    return _typical_time(lambda: (cycle(), _sync(device)), budget_s=0.0, at_least=3)
 
 
 def machine_identity(device: torch.device) -> dict:
@@ -483,7 +485,7 @@ def measure_disk(profile: HardwareProfile, directory: str) -> None:
 
 
 # ----- memory budgets -----------------------------------------------------------------------
-CODE_RESERVE = 256 << 20  # libraries' pages a run touches after planning (oneDNN kernels, ...)
+CODE_RESERVE = 128 << 20  # libraries' pages a run touches after planning (oneDNN kernels, ...)
 
 
 def code_reserve(resident_counted: bool = False) -> int:
