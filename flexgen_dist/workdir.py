@@ -156,12 +156,13 @@ def exit_cleanly_on_signals() -> None:
     threading.Thread(target=watch, name="flexgen-signals", daemon=True).start()
 
 
-_stopping = threading.Lock()
+_stopping = threading.RLock()  # re-entrant: a second signal may run its handler inside the first's cleanup
 
 
 def _stop(number: int) -> None:
     """Clean up and exit. A signal may reach both the Python handler and the pipe reader: the
-    first caller does the work, a second one waits for the exit (it must not exit halfway). The
+    first caller does the work, a second one in another thread waits for the exit (it must not
+    exit halfway); one in the same thread (a handler run inside the first's cleanup) exits. The
     exit happens whatever fails on the way: with the launcher gone, writing to its stderr pipe
     raises, and an exception here would leave the lock held and every later signal ignored."""
     _stopping.acquire()

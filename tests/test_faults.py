@@ -167,12 +167,47 @@ def test_a_signal_after_the_launcher_died_still_ends_the_process(tmp_path):
     the process must still remove its files and exit (before, it kept the stop lock and hung)."""
     proc = subprocess.Popen([sys.executable, "-c", CHILD_WITH_A_WORK_DIR, str(tmp_path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    work_dir = Path(proc.stdout.readline().strip())
-    assert work_dir.is_dir()
-    proc.stderr.close()  # the launcher's end of the pipe, gone with it
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=20) == 128 + signal.SIGTERM
-    assert not work_dir.exists()
+    try:
+        work_dir = Path(proc.stdout.readline().strip())
+        assert work_dir.is_dir()
+        proc.stderr.close()  # the launcher's end of the pipe, gone with it
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+        assert not work_dir.exists()
+    finally:
+        proc.kill()  # a hung child must not outlive the test
+
+
+SIGNAL_DURING_CLEANUP = """
+import os, signal, sys, time
+from flexgen_dist import workdir
+workdir.exit_cleanly_on_signals()
+work_dir = workdir.open_work_dir(sys.argv[1])
+remove_all, calls = workdir.remove_all, []
+
+def slow_remove_all():  # a second Ctrl-C arrives while the first one's cleanup runs
+    calls.append(1)
+    if len(calls) == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # the main thread's handler runs here
+    remove_all()
+
+workdir.remove_all = slow_remove_all
+print(work_dir, flush=True)
+workdir._stop(signal.SIGINT)  # as the main thread's handler does when it wins the race to the first signal
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_second_signal_during_the_cleanup_still_ends_the_process(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_DURING_CLEANUP, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        work_dir = Path(proc.stdout.readline().strip())
+        assert proc.wait(timeout=20) == 128 + signal.SIGINT
+        assert not work_dir.exists()
+    finally:
+        proc.kill()  # a hung child must not outlive the test
 
 
 @pytest.mark.timeout(240)
