@@ -217,7 +217,8 @@ def test_files_of_killed_processes_are_removed_by_the_next_run_never_a_live_ones
     dead.kill()
     dead.wait()
     assert all(d.exists() for d in left), "SIGKILL leaves its files (nothing could remove them)"
-    live = long_job(ckpt, tmp_path, gen_len=59)
+    # eight blocks: still generating when the other run ends, even where a block takes 3 s
+    live = long_job(ckpt, tmp_path, gen_len=59, extra=("--num-prompts", "16"))
     try:
         mine = wait_for_work_files(tmp_path, live, besides=left)
         assert not any(d.exists() for d in left), "the next run did not remove the dead process's files"
