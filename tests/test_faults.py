@@ -1,5 +1,6 @@
 """Faults injected for real: damaged store files, bad outputs, signals, a full disk, a memory limit,
 bad prompt files. Each ends in one line `error: ...` (or a clean stop) with nothing left behind."""
+import contextlib
 import json
 import os
 import signal
@@ -161,21 +162,28 @@ time.sleep(60)
 """
 
 
+@contextlib.contextmanager
+def child_with_a_work_dir(script: str, root: Path):
+    """`script` run in a child that prints the work dir it opened under `root` first: (process,
+    work dir). A child still running at the end (hung) is killed, so it cannot outlive the test."""
+    proc = subprocess.Popen([sys.executable, "-c", script, str(root)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc, Path(proc.stdout.readline().strip())
+    finally:
+        proc.kill()
+
+
 @pytest.mark.timeout(60)
 def test_a_signal_after_the_launcher_died_still_ends_the_process(tmp_path):
     """With the launcher gone its stderr pipe is broken: the stop message cannot be written, and
     the process must still remove its files and exit (before, it kept the stop lock and hung)."""
-    proc = subprocess.Popen([sys.executable, "-c", CHILD_WITH_A_WORK_DIR, str(tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        work_dir = Path(proc.stdout.readline().strip())
+    with child_with_a_work_dir(CHILD_WITH_A_WORK_DIR, tmp_path) as (proc, work_dir):
         assert work_dir.is_dir()
         proc.stderr.close()  # the launcher's end of the pipe, gone with it
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 128 + signal.SIGTERM
         assert not work_dir.exists()
-    finally:
-        proc.kill()  # a hung child must not outlive the test
 
 
 SIGNAL_DURING_CLEANUP = """
@@ -200,14 +208,9 @@ workdir._stop(signal.SIGINT)  # as the main thread's handler does when it wins t
 
 @pytest.mark.timeout(60)
 def test_a_second_signal_during_the_cleanup_still_ends_the_process(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_DURING_CLEANUP, str(tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        work_dir = Path(proc.stdout.readline().strip())
+    with child_with_a_work_dir(SIGNAL_DURING_CLEANUP, tmp_path) as (proc, work_dir):
         assert proc.wait(timeout=20) == 128 + signal.SIGINT
         assert not work_dir.exists()
-    finally:
-        proc.kill()  # a hung child must not outlive the test
 
 
 @pytest.mark.timeout(240)
