@@ -312,8 +312,9 @@ def open_store(offload_dir: str, model: ResolvedModel, dtype: torch.dtype, polic
                rebuild: bool = False) -> TensorStore:
     """The converted weight store for this model, dtype and weight compression."""
     compression = policy.weight_compression()
-    # each compression setting its own directory, so switching between them converts only once
-    suffix = f"-q{compression.num_bits}g{compression.group_size}{'t' if compression.tables else ''}" if compression else ""
+    suffix = ""
+    if compression:  # each setting its own directory, so switching between them converts each once
+        suffix = f"-q{compression.num_bits}g{compression.group_size}" + ("t" if compression.tables else "")
     store_dir = os.path.join(offload_dir, "weights", f"{model.store_key}-{str(dtype).split('.')[-1]}{suffix}")
     return TensorStore(store_dir, model.source.fingerprint, dtype, compression, rebuild)
 
