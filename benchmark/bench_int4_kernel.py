@@ -1,12 +1,14 @@
 """The packed int4 product against the dense one at decode shapes, on the CPU or a GPU.
 
-    python benchmark/bench_int4_kernel.py [--device cuda] [--rows 1,8,32] [--json results.jsonl]
+    python benchmark/bench_int4_kernel.py [--device cuda] [--dtype float32] [--rows 1,8,32] [--json results.jsonl]
 
 For each weight shape of OPT-1.3b, OPT-6.7b and a 7B Llama (out x in) and each row count: the time
-of the engine's int4 product (`kernels.linear` on an `Int4Weight` in the device's kernel form) and
-of the dense bf16 product of the same (dequantized) weight, each weight cycled through enough
-copies that the cache cannot hold them, so a decode-sized product reads its weight from memory as
-the model's would. Also checks the int4 product equals the dequantized one (to bf16 rounding).
+of the engine's int4 product (`kernels.linear` on an `Int4Weight` in the device's kernel form, fed
+the activations the probe chose for the model dtype) and of the dense product of the same
+(dequantized) weight in the model dtype (bf16 by default; float32 is what an AVX2-only CPU
+computes in), each weight cycled through enough copies that the cache cannot hold them, so a
+decode-sized product reads its weight from memory as the model's would. Also checks the int4
+product equals the dequantized one (to bf16 rounding).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from flexgen_dist.int4 import dequantize_int4, quantize_int4
-from flexgen_dist.kernels import int4_for_device, linear, use_int4
+from flexgen_dist import probe
+from flexgen_dist.kernels import int4_for_device, linear
 
 SHAPES = {"opt-1.3b": [(2048, 2048), (8192, 2048), (2048, 8192)],
           "opt-6.7b": [(4096, 4096), (16384, 4096), (4096, 16384)],
@@ -45,7 +48,7 @@ def weights(shape, device: torch.device, dtype: torch.dtype, stream_bytes: float
     n, k = shape
     g = torch.Generator(device).manual_seed(0)
     packed, dense = [], []
-    for _ in range(max(2, int(stream_bytes // (n * k * 2)))):
+    for _ in range(max(2, int(stream_bytes // (n * k * dtype.itemsize)))):
         w = quantize_int4((torch.randn(n, k, generator=g, device=device) * 0.02).to(dtype), 64)
         dense.append(dequantize_int4(w))
         packed.append(int4_for_device(w, device))
@@ -67,13 +70,14 @@ def measure(packed, dense, rows: int, device: torch.device) -> dict:
     int4_s = timed(cycle("int4", packed, linear), device)
     dense_s = timed(cycle("dense", dense, F.linear), device)
     return {"shape": [n, k], "rows": rows, "int4_ms": int4_s * 1e3, "dense_ms": dense_s * 1e3,
-            "speedup": dense_s / int4_s, "dense_GBps": n * k * 2 / dense_s / 1e9,
+            "speedup": dense_s / int4_s, "dense_GBps": n * k * dense[0].element_size() / dense_s / 1e9,
             "int4_GBps": n * k / 2 / int4_s / 1e9, "rel_error": error}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--rows", default="1,8,32")
     p.add_argument("--models", default=",".join(SHAPES))
     p.add_argument("--stream-gib", type=float, default=1.0,
@@ -81,15 +85,17 @@ def main() -> None:
     p.add_argument("--json", help="append one JSON line per product here")
     args = p.parse_args()
     device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-    dtype = torch.bfloat16
-    if not use_int4(device, dtype):
-        raise SystemExit(f"error: the engine would not use an int4 kernel on {device} for {dtype}")
+    dtype = getattr(torch, args.dtype)
+    choice = probe.int4_choice(device.type, dtype)
+    if not choice.use:
+        raise SystemExit(f"error: the engine would not use an int4 kernel on {device} for {args.dtype}: {choice.reason}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     for model in args.models.split(","):
         for shape in SHAPES[model]:
             packed, dense = weights(shape, device, dtype, args.stream_gib * 2**30)
             for rows in map(int, args.rows.split(",")):
-                row = {"device": name, "torch": torch.__version__, "model": model, **measure(packed, dense, rows, device)}
+                row = {"device": name, "torch": torch.__version__, "model": model, "dtype": args.dtype,
+                       "int4_path": choice.reason, **measure(packed, dense, rows, device)}
                 print(f"{model} {shape[0]}x{shape[1]} rows {rows}: int4 {row['int4_ms']:.3f} ms, dense "
                       f"{row['dense_ms']:.3f} ms ({row['speedup']:.2f}x), error {row['rel_error']:.1e}", flush=True)
                 if args.json:

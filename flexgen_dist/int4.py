@@ -2,14 +2,19 @@
 
 `_weight_int4pack_mm_for_cpu` multiplies by a weight (N out, K in) quantized in groups of G
 consecutive *input* values, each value `(code - 8) * scale + zero`, with the codes laid out by
-`_convert_weight_to_int4pack_for_cpu`: rows in blocks of 64; in a block, for each k, 32 bytes
-whose low nibble is row j's code and high nibble row j + 32's. The weight store writes exactly
-that (`Int4Weight`), so a CPU loads it with no repack at all; a GPU converts it once per load into
-tinygemm's form (`kernels.int4_for_device`); and `dequantize_int4` gives the dense weight where
-the kernel is missing or slower (prefill).
+`_convert_weight_to_int4pack_for_cpu`, whose layout depends on the CPU: rows in blocks of B (64
+with AVX-512, 32 with AVX2 only); in a block, for each k, B / 2 bytes whose low nibble is row j's
+code and high nibble row j + B / 2's. The weight store writes the 64-row layout (`Int4Weight`), so
+an AVX-512 CPU loads it with no repack at all; an AVX2 one shuffles its nibbles into 32-row blocks
+(`to_block`) and a GPU converts it into tinygemm's form, once per placement or load
+(`kernels.int4_for_device`); `dequantize_int4` gives the dense weight where the kernel is missing
+or slower (prefill).
 
-Invariants of an `Int4Weight`: `data` is uint8 (ceil(N / 64) * 64, K / 2) in the CPU layout;
-`scales_zeros` is (K / G, rows of data, 2) in the model dtype; padding rows have code 8, scale 0
+Invariants of an `Int4Weight`: `data` is uint8 (ceil(N / 64) * 64, K / 2) in the CPU layout of
+`block_n`-row blocks;
+`scales_zeros` is (K / G, rows of data, 2), in `dtype` (the model's) as quantized and stored, or
+in the dtype of the activations the kernel is fed (`kernels.int4_for_device`); a float32 weight's
+scales and zeros are bf16 values, so that conversion is exact; padding rows have code 8, scale 0
 and zero 0 (their value is 0); `shape` is (N, K). `form` says which kernel the data is laid out
 for: "cpu", or "cuda" (then `data` is tinygemm's int32 tensor and only that kernel can read it).
 """
@@ -19,7 +24,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-BLOCK_N = 64  # rows per block of the CPU layout
+BLOCK_N = 64  # rows per block of the store's CPU layout (AVX-512's)
+BLOCKS = (64, 32)  # the CPU kernel's layouts: AVX-512's, AVX2's
 GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the kernels accept
 ZERO_CODE = 8  # codes are offsets from zero: value = (code - 8) * scale + zero
 QUANTIZE_ROWS = 64 * BLOCK_N  # rows quantized at a time (a multiple of BLOCK_N: only the last part is padded)
@@ -32,14 +38,15 @@ class Int4Weight:
     shape: tuple[int, int]
     group_size: int
     form: str = "cpu"
+    dtype: torch.dtype | None = None  # of the dense weight; None: that of the scales
+    block_n: int = BLOCK_N  # rows per block of the CPU layout `data` is in
+
+    def __post_init__(self):
+        self.dtype = self.dtype or self.scales_zeros.dtype
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.data, self.scales_zeros))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.scales_zeros.dtype
 
     @property
     def device(self) -> torch.device:
@@ -72,31 +79,53 @@ def _round_up(x32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _scales_zeros(groups: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group: zero (in `dtype`) near where code 8 falls, then the smallest scale (rounded up
-    in `dtype`) with which codes 0..15 reach both the group's minimum and its maximum. Choosing
-    zero first keeps every value within half a step of its code even after zero is rounded."""
+    """Per group: zero (rounded to `dtype`, float32 to bf16) near where code 8 falls, then the
+    smallest scale (rounded up likewise) with which codes 0..15 reach both the group's minimum and
+    its maximum. Choosing zero first keeps every value within half a step of its code even after
+    zero is rounded. A float32 weight's scales and zeros are bf16 values so that a CPU without
+    fast float32 int4 products can feed the kernel bf16 ones, exactly the same (at 1/256 of a
+    step's precision in the scale, which costs nothing measurable)."""
+    grid = torch.bfloat16 if dtype == torch.float32 else dtype
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
-    zero = (lo + (hi - lo) * (ZERO_CODE / 15)).to(dtype)
+    zero = (lo + (hi - lo) * (ZERO_CODE / 15)).to(grid)
     z = zero.float()
     need = torch.maximum((z - lo) / ZERO_CODE, (hi - z) / (15 - ZERO_CODE))
-    return _round_up(need, dtype), zero
+    return _round_up(need, grid).to(dtype), zero.to(dtype)
 
 
-def _to_layout(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes (rows, K), rows a multiple of 64 -> the CPU kernel's packed bytes (rows, K / 2)."""
+def _to_layout(codes: torch.Tensor, block: int = BLOCK_N) -> torch.Tensor:
+    """uint8 codes (rows, K), rows a multiple of `block` -> the CPU kernel's packed bytes (rows, K / 2)."""
     rows, k = codes.shape
-    blocks = codes.view(rows // BLOCK_N, 2, BLOCK_N // 2, k).transpose(2, 3)  # (blocks, 2, K, 32)
+    blocks = codes.view(rows // block, 2, block // 2, k).transpose(2, 3)  # (blocks, 2, K, block / 2)
     return (blocks[:, 0] | (blocks[:, 1] << 4)).contiguous().view(rows, k // 2)
 
 
-def _from_layout(data: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+def _from_layout(data: torch.Tensor, k: int, dtype: torch.dtype, block: int = BLOCK_N) -> torch.Tensor:
     """The CPU layout's bytes -> codes (rows, K) as `dtype` values."""
     rows = data.shape[0]
-    packed = data.view(rows // BLOCK_N, k, BLOCK_N // 2).transpose(1, 2)  # (blocks, 32, K)
-    codes = torch.empty(rows // BLOCK_N, 2, BLOCK_N // 2, k, dtype=dtype, device=data.device)
+    packed = data.view(rows // block, k, block // 2).transpose(1, 2)  # (blocks, block / 2, K)
+    codes = torch.empty(rows // block, 2, block // 2, k, dtype=dtype, device=data.device)
     codes[:, 0] = packed & 0xF
     codes[:, 1] = packed >> 4
     return codes.view(rows, k)
+
+
+def to_block(w: Int4Weight, block: int) -> Int4Weight:
+    """`w` in the CPU layout of `block`-row blocks. From 64 to 32 the nibbles move in place of a
+    whole unpack and repack: a 64-row block's byte j holds rows j and j + 32; the first 32-row
+    block's byte j (j < 16) takes rows j and j + 16 from the low nibbles of bytes j and j + 16, the
+    second rows 32 + j and 48 + j from their high nibbles."""
+    if w.block_n == block:
+        return w
+    if (w.block_n, block) != (64, 32) or w.form != "cpu":
+        raise ValueError(f"no conversion from {w.block_n}-row blocks to {block}-row ones")  # a dispatch bug
+    k = w.shape[1]
+    old = w.data.view(-1, k, 32)
+    low, high = old[..., :16], old[..., 16:]
+    new = torch.empty(old.shape[0], 2, k, 16, dtype=torch.uint8, device=old.device)
+    torch.bitwise_or(low & 0xF, high << 4, out=new[:, 0])
+    torch.bitwise_or(low >> 4, high & 0xF0, out=new[:, 1])
+    return replace(w, data=new.view(w.data.shape), block_n=block)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> Int4Weight:
@@ -107,7 +136,7 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> Int4Weight:
     if n > QUANTIZE_ROWS:
         parts = [quantize_int4(w[i:i + QUANTIZE_ROWS], group_size) for i in range(0, n, QUANTIZE_ROWS)]
         return Int4Weight(torch.cat([p.data for p in parts]), torch.cat([p.scales_zeros for p in parts], dim=1),
-                          (n, k), group_size)
+                          (n, k), group_size, dtype=w.dtype)
     groups = w.float().reshape(n, k // group_size, group_size)
     scale, zero = _scales_zeros(groups, w.dtype)
     safe = torch.where(scale > 0, scale.float(), torch.ones_like(groups[..., 0]))
@@ -117,17 +146,23 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> Int4Weight:
     codes = torch.cat([codes, codes.new_full((rows - n, k), ZERO_CODE)])
     pad = lambda t: torch.cat([t, t.new_zeros(rows - n, t.shape[1])])  # noqa: E731
     scales_zeros = torch.stack([pad(scale).T, pad(zero).T], dim=-1).contiguous()
-    return Int4Weight(_to_layout(codes), scales_zeros, (n, k), group_size)
+    return Int4Weight(_to_layout(codes), scales_zeros, (n, k), group_size, dtype=w.dtype)
+
+
+def with_scales_in(w: Int4Weight, dtype: torch.dtype) -> Int4Weight:
+    """`w` whose scales and zeros are `dtype` values, for a kernel fed activations of `dtype`
+    (exact for a float32 weight's scales, which are bf16 values); the dense weight's dtype stays."""
+    return w if w.scales_zeros.dtype == dtype else replace(w, scales_zeros=w.scales_zeros.to(dtype))
 
 
 def dequantize_int4(w: Int4Weight) -> torch.Tensor:
-    """The dense (N, K) weight in the model dtype: (code - 8) * scale + zero, as the kernel computes it."""
+    """The dense (N, K) weight in `w.dtype`: (code - 8) * scale + zero, as the kernel computes it."""
     if w.form != "cpu":
         raise ValueError(f"an int4 weight in {w.form} form cannot be dequantized")  # a dispatch bug
     n, k = w.shape
-    values = _from_layout(w.data, k, w.dtype)
+    values = _from_layout(w.data, k, w.dtype, w.block_n)
     grouped = values.view(values.shape[0], k // w.group_size, w.group_size)
-    scale, zero = (w.scales_zeros[..., i].T[..., None] for i in (0, 1))
+    scale, zero = (w.scales_zeros[..., i].T[..., None].to(w.dtype) for i in (0, 1))
     grouped.sub_(ZERO_CODE).mul_(scale).add_(zero)
     return values[:n]
 
@@ -138,13 +173,12 @@ def take_rows(w: Int4Weight, ids: torch.Tensor) -> torch.Tensor:
     4-bit weight its tied output head multiplies with. Result: ids.shape + (K,)."""
     if w.form != "cpu":
         raise ValueError(f"rows cannot be taken from an int4 weight in {w.form} form")  # a dispatch bug
-    flat = ids.reshape(-1)
-    k = w.shape[1]
-    within = flat % BLOCK_N  # row b*64 + h*32 + j: byte j of block b at every k, nibble h
-    packed = w.data.view(-1, k, BLOCK_N // 2)[flat // BLOCK_N, :, within % (BLOCK_N // 2)]  # (n, K)
-    codes = torch.where((within >= BLOCK_N // 2)[:, None], packed >> 4, packed & 0xF).to(w.dtype)
+    flat, k, half = ids.reshape(-1), w.shape[1], w.block_n // 2
+    within = flat % w.block_n  # row b*B + h*B/2 + j: byte j of block b at every k, nibble h
+    packed = w.data.view(-1, k, half)[flat // w.block_n, :, within % half]  # (n, K)
+    codes = torch.where((within >= half)[:, None], packed >> 4, packed & 0xF).to(w.dtype)
     grouped = codes.view(len(flat), k // w.group_size, w.group_size)
-    scale, zero = (w.scales_zeros[:, flat, i].T[..., None] for i in (0, 1))
+    scale, zero = (w.scales_zeros[:, flat, i].T[..., None].to(w.dtype) for i in (0, 1))
     grouped.sub_(ZERO_CODE).mul_(scale).add_(zero)
     return codes.view(*ids.shape, k)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import probe
-from .int4 import Int4Weight, dequantize_int4, take_rows
+from .int4 import Int4Weight, dequantize_int4, take_rows, with_scales_in
 
 # above this many rows a CPU product dequantizes and multiplies dense: measured on AMX and AVX-512
 # CPUs, the int4 kernel's time grows with the rows while a dense bf16 product's hardly does
@@ -38,16 +38,21 @@ def use_int4(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def int4_for_device(w: Int4Weight, device: torch.device) -> Int4Weight:
-    """`w` moved to `device`, in the form its int4 kernel reads (the store's CPU form unchanged on a
-    CPU; tinygemm's form on a GPU, converted here once per placement or load)."""
-    if w.device == device and (device.type == "cpu" or w.form == "cuda"):
+    """`w` moved to `device`, in the form its int4 kernel reads, converted here once per placement
+    or load: the CPU layout of this CPU's kernel (the store's with AVX-512), tinygemm's form on a
+    GPU; scales and zeros in the dtype of the activations the kernel is fed (bf16 ones for a float32
+    model on some CPUs)."""
+    fed = probe.int4_choice(device.type, w.dtype).activations or w.dtype
+    cpu_ready = device.type == "cpu" and w.block_n == probe.int4_cpu_block()
+    if w.device == device and w.scales_zeros.dtype == fed and (cpu_ready or w.form == "cuda"):
         return w  # already there: the resident weight itself, so the executor counts no copy
-    w = w.to(device, non_blocking=w.data.is_pinned())
-    return probe.int4_to_cuda_form(w) if device.type == "cuda" else w
+    w = with_scales_in(w.to(device, non_blocking=w.data.is_pinned()), fed)
+    return probe.int4_to_cuda_form(w) if device.type == "cuda" else probe.int4_to_cpu_form(w)
 
 
 def int4_linear(x: torch.Tensor, w: Int4Weight, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ b) from the packed codes; dense after dequantizing for many rows on a CPU."""
+    """x @ w.T (+ b) in x's dtype, from the packed codes; dense after dequantizing for many rows on
+    a CPU."""
     n, k = w.shape
     rows = x.numel() // k
     if w.form == "cpu" and rows > INT4_MAX_ROWS:

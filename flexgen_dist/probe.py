@@ -11,8 +11,9 @@ beats dequantize + dense at decode shapes; see `int4_choice`.
 
 The answers can be forced for tests and for users who know better, through environment variables:
 `FLEXGEN_CPU_BF16=0|1` (treat bf16 as slow / fast), `FLEXGEN_CPU_PACK=0|1` (never pack / pack
-when the op works) and `FLEXGEN_INT4=0|1` (never use the int4 kernel / use it whenever it works
-and matches, fast or not). Results are cached per process.
+when the op works) and `FLEXGEN_INT4=0|1|bf16` (never use the int4 kernel / use it whenever it
+works and matches, fast or not, fed the model's dtype / the same, fed bf16 activations). Results
+are cached per process.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .int4 import Int4Weight, _from_layout, dequantize_int4, quantize_int4
+from .int4 import BLOCKS, Int4Weight, _from_layout, _to_layout, dequantize_int4, quantize_int4, to_block, with_scales_in
 
 BF16_ENV = "FLEXGEN_CPU_BF16"
 PACK_ENV = "FLEXGEN_CPU_PACK"
@@ -182,10 +183,12 @@ def slow_bf16_warning(dim: int) -> str | None:
 # ----- packed int4 matmul ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Int4Choice:
-    """Whether compressed linear weights are multiplied packed, and why."""
+    """Whether compressed linear weights are multiplied packed, with activations of which dtype
+    (`activations`, None when not used), and why."""
 
     use: bool
     reason: str
+    activations: torch.dtype | None = None
 
 
 _INT4_OPS = {"cpu": ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu"),
@@ -198,69 +201,121 @@ def _int4_op(device_type: str, which: int):
 
 
 def int4_mm(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
-    """x (rows, K) @ w.T from an Int4Weight's packed codes: (rows, padded N)."""
-    return _int4_op(w.form, 1)(x, w.data, w.group_size, w.scales_zeros)
+    """x (rows, K) @ w.T from an Int4Weight's packed codes: (rows, padded N) in x's dtype. The
+    kernel is fed activations of the dtype of w's scales (bf16 for a float32 model on a CPU whose
+    float32 int4 product is slow)."""
+    fed = w.scales_zeros.dtype
+    return _int4_op(w.form, 1)(x.to(fed), w.data, w.group_size, w.scales_zeros).to(x.dtype)
 
 
 def int4_to_cuda_form(w: Int4Weight) -> Int4Weight:
     """A CPU-form Int4Weight on a GPU -> tinygemm's form (codes two per byte, even k in the high nibble)."""
-    codes = _from_layout(w.data, w.shape[1], torch.uint8)
+    codes = _from_layout(w.data, w.shape[1], torch.uint8, w.block_n)
     packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
     k = w.shape[1]
     tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
     return dataclasses.replace(w, data=_int4_op("cuda", 0)(packed.contiguous(), tiles), form="cuda")
 
 
-def _int4_trial(device: torch.device, dtype: torch.dtype, n: int, k: int):
-    """An int4 weight and activations of this shape on `device`, and the dense product to match."""
+@functools.lru_cache(maxsize=None)
+def int4_cpu_block() -> int | None:
+    """The rows per block of the layout this CPU's int4 kernel reads (it follows the instruction
+    set: 64 with AVX-512, 32 with AVX2), from what its conversion op writes; None if neither."""
+    codes = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    written = _int4_op("cpu", 0)(codes.int(), 2)
+    return next((block for block in BLOCKS if torch.equal(written, _to_layout(codes, block))), None)
+
+
+def int4_to_cpu_form(w: Int4Weight) -> Int4Weight:
+    """A CPU-form Int4Weight in the layout this CPU's kernel reads."""
+    return to_block(w, int4_cpu_block())
+
+
+def _int4_trial(device: torch.device, dtype: torch.dtype, fed: torch.dtype, n: int, k: int):
+    """A `dtype` int4 weight of this shape on `device` in the form its kernel reads when fed `fed`
+    activations, `dtype` activations, and the dense weight to match."""
     g = torch.Generator().manual_seed(0)
     w = quantize_int4((torch.randn(n, k, generator=g) * 0.02).to(dtype), 64)
     x = torch.randn(INT4_PROBE_ROWS, k, generator=g).to(dtype)
     dense = dequantize_int4(w)
-    w = w.to(device) if device.type == "cpu" else int4_to_cuda_form(w.to(device))
+    w = with_scales_in(w.to(device), fed)
+    w = int4_to_cpu_form(w) if device.type == "cpu" else int4_to_cuda_form(w)
     return w, x.to(device), dense.to(device)
 
 
-def _int4_matches(device: torch.device, dtype: torch.dtype) -> str | None:
-    """None if the int4 kernel runs here for `dtype` and gives the dequantized product; else why not."""
+def _int4_matches(device: torch.device, dtype: torch.dtype, fed: torch.dtype) -> str | None:
+    """None if the int4 kernel runs here fed `fed` activations and gives the dequantized product
+    (to the rounding of `fed`); else why not."""
     try:
-        w, x, dense = _int4_trial(device, dtype, 128, 256)
+        if device.type == "cpu" and int4_cpu_block() is None:
+            return "the int4 kernel reads a layout this engine does not write"
+        w, x, dense = _int4_trial(device, dtype, fed, 128, 256)
         got = int4_mm(x, w)[:, :128].float()
     except (RuntimeError, AttributeError, NotImplementedError, StopIteration) as e:
         return f"the int4 kernel fails here: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}"
     want = (x @ dense.T).float()
-    tol = (1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4) * want.abs().max().item()
+    tol = (1e-2 if fed in (torch.bfloat16, torch.float16) else 1e-4) * want.abs().max().item()
     if not (got - want).abs().max().item() <= tol:
         return "the int4 kernel's product differs from the dequantized one"
     return None
 
 
-def int4_speedup(dtype: torch.dtype) -> float:
-    """(dequantize + dense) time / int4 kernel time for a decode step's product on this CPU."""
-    w, x, _ = _int4_trial(torch.device("cpu"), dtype, INT4_PROBE_DIM, INT4_PROBE_DIM)
+def int4_speedups(dtype: torch.dtype, feeds: list[torch.dtype]) -> list[float]:
+    """(dequantize + dense) time / int4 kernel time for a decode step's product on this CPU, the
+    kernel fed activations of each dtype in `feeds` (a float32 model's bf16 feed: 20-40x faster
+    than its float32 one on an AVX2-only CPU, which has no fast float32 int4 product)."""
+    trials = [_int4_trial(torch.device("cpu"), dtype, fed, INT4_PROBE_DIM, INT4_PROBE_DIM) for fed in feeds]
+    w, x, _ = trials[0]
+    kernels = [lambda w=w, x=x: int4_mm(x, w) for w, x, _ in trials]
     with _one_thread():
-        packed_s, dense_s = _best_times([lambda: int4_mm(x, w), lambda: F.linear(x, dequantize_int4(w))], rounds=3)
-    return dense_s / packed_s
+        first = []
+        for kernel in kernels:
+            t0 = time.perf_counter()
+            kernel()
+            first.append(time.perf_counter() - t0)
+        # a feed many times slower than the best on its first call is not worth timing again
+        kept = [i for i, s in enumerate(first) if s <= 4 * min(first)]
+        *packed_s, dense_s = _best_times([kernels[i] for i in kept] + [lambda: F.linear(x, dequantize_int4(w))],
+                                         rounds=3)
+    best = dict(zip(kept, packed_s))
+    return [dense_s / best.get(i, first[i]) for i in range(len(feeds))]
+
+
+def _int4_feeds(device_type: str, dtype: torch.dtype, forced: str | None) -> list[torch.dtype]:
+    """The activation dtypes to try the kernel with: the model's, and bf16 for a float32 model on
+    a CPU; FLEXGEN_INT4=1 keeps the model's (exact), =bf16 only bf16."""
+    if forced == "bf16":
+        return [torch.bfloat16]
+    if forced is None and device_type == "cpu" and dtype == torch.float32:
+        return [dtype, torch.bfloat16]
+    return [dtype]
+
+
+def _fed(dtype: torch.dtype, fed: torch.dtype) -> str:
+    return "" if fed == dtype else f", fed {str(fed).split('.')[-1]} activations"
 
 
 @functools.lru_cache(maxsize=None)
 def int4_choice(device_type: str, dtype: torch.dtype) -> Int4Choice:
-    """Packed int4 matmul where the kernel exists, runs for `dtype`, matches the dequantized
-    product and (on a CPU, unless FLEXGEN_INT4=1) beats dequantize + dense for a decode step."""
-    forced = _forced(INT4_ENV)
+    """Packed int4 matmul where the kernel exists, runs fed `dtype` activations (or, for float32 on
+    a CPU, bf16 ones), matches the dequantized product and (on a CPU, unless FLEXGEN_INT4=1 or
+    bf16) beats dequantize + dense for a decode step; of two feeds that do, the faster."""
+    env = os.environ.get(INT4_ENV, "").lower()
+    forced = "bf16" if env == "bf16" else _forced(INT4_ENV) if env else None
     if forced is False:
         return Int4Choice(False, f"forced by {INT4_ENV}={os.environ[INT4_ENV]}")
     if device_type not in _INT4_OPS or not hasattr(torch.ops.aten, _INT4_OPS[device_type][1]):
         return Int4Choice(False, f"this PyTorch has no int4 kernel for {device_type}")
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-    why_not = _int4_matches(device, dtype)
-    if why_not is not None:
-        return Int4Choice(False, why_not)
+    failures = {fed: _int4_matches(device, dtype, fed) for fed in _int4_feeds(device_type, dtype, forced)}
+    feeds = [fed for fed, why_not in failures.items() if why_not is None]
+    if not feeds:
+        return Int4Choice(False, next(iter(failures.values())))
     if forced:
-        return Int4Choice(True, f"forced by {INT4_ENV}={os.environ[INT4_ENV]}")
+        return Int4Choice(True, f"forced by {INT4_ENV}={os.environ[INT4_ENV]}{_fed(dtype, feeds[0])}", feeds[0])
     if device_type == "cuda":
-        return Int4Choice(True, "tinygemm int4 kernel")
-    speedup = int4_speedup(dtype)
+        return Int4Choice(True, "tinygemm int4 kernel", feeds[0])
+    speedup, fed = max(zip(int4_speedups(dtype, feeds), feeds), key=lambda pair: pair[0])
     if speedup > 1.1:
-        return Int4Choice(True, f"{speedup:.1f}x faster than dequantize + dense for a decode step")
+        return Int4Choice(True, f"{speedup:.1f}x faster than dequantize + dense for a decode step{_fed(dtype, fed)}", fed)
     return Int4Choice(False, f"int4 kernel only {speedup:.2f}x the speed of dequantize + dense here")

@@ -29,7 +29,8 @@ from .models.base import WeightSpec
 MANIFEST = "manifest.json"
 # FLEXGEN_VERIFY_STORE=0 skips the checksum of each file's first read (measured cost: benchmark/RESULTS.md)
 VERIFY_ENV = "FLEXGEN_VERIFY_STORE"
-STORE_VERSION = 4  # 3: per-file XXH3 checksums in the manifest; 4: 4-bit weights in the int4 kernel layout
+STORE_VERSION = 5  # 3: per-file XXH3 checksums in the manifest; 4: 4-bit weights in the int4 kernel layout;
+# 5: a float32 store's 4-bit scales and zeros are bf16 values (int4._scales_zeros)
 
 
 class DummySource:

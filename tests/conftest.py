@@ -122,9 +122,11 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _force_int4(monkeypatch, on: bool):
+def _force_int4(monkeypatch, on: bool | str):
+    """FLEXGEN_INT4 set to 1 (on: the model's own feed), 0 (off) or the string `on` (e.g. bf16)."""
     from flexgen_dist import probe
-    monkeypatch.setenv(probe.INT4_ENV, "1" if on else "0")  # also seen by ranks mpirun starts
+    value = on if isinstance(on, str) else "1" if on else "0"
+    monkeypatch.setenv(probe.INT4_ENV, value)  # also seen by ranks mpirun starts
     probe.int4_choice.cache_clear()
     return probe.int4_choice.cache_clear  # to call at teardown: no later test inherits the answer
 

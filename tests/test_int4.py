@@ -13,9 +13,28 @@ HAS_CPU_KERNEL = hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 @pytest.mark.skipif(not HAS_CPU_KERNEL, reason="this PyTorch has no CPU int4 kernel")
 @pytest.mark.parametrize("rows", [64, 192])
 def test_layout_is_the_one_the_cpu_conversion_op_writes(rows):
+    """The op's layout follows the CPU (64-row blocks with AVX-512, 32 with AVX2): the probe names
+    one of ours, and converting the store's layout to it gives what the op writes."""
     codes = torch.randint(0, 16, (rows, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
     expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 2)
-    assert torch.equal(_to_layout(codes), expected)
+    block = probe.int4_cpu_block()
+    assert block in int4.BLOCKS
+    assert torch.equal(_to_layout(codes, block), expected)
+    stored = Int4Weight(_to_layout(codes), torch.zeros(4, rows, 2), (rows, 256), 64)
+    assert torch.equal(int4.to_block(stored, block).data, expected)
+
+
+def test_every_layout_gives_the_same_weight_and_rows():
+    """The store's 64-row layout shuffled into 32-row blocks (an AVX2 CPU's) is the same weight:
+    dequantized and looked up row by row, bit for bit."""
+    w = quantize_int4(torch.randn(200, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16), 32)
+    avx2 = int4.to_block(w, 32)
+    assert avx2.block_n == 32 and not torch.equal(avx2.data, w.data)
+    assert torch.equal(dequantize_int4(avx2), dequantize_int4(w))
+    ids = torch.tensor([0, 15, 16, 31, 32, 47, 48, 63, 64, 199])
+    assert torch.equal(kernels.embedding(ids, avx2), dequantize_int4(w)[ids])
+    with pytest.raises(ValueError, match="no conversion"):
+        int4.to_block(avx2, 64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -57,7 +76,7 @@ def test_a_large_weight_quantized_in_parts_is_the_weight_quantized_whole(monkeyp
 @pytest.mark.parametrize("rows", [1, kernels.INT4_MAX_ROWS, kernels.INT4_MAX_ROWS + 1])
 def test_few_rows_use_the_kernel_and_many_dequantize(rows, monkeypatch):
     g = torch.Generator().manual_seed(2)
-    w, b = quantize_int4(torch.randn(96, 128, generator=g), 64), torch.randn(96, generator=g)
+    w, b = probe.int4_to_cpu_form(quantize_int4(torch.randn(96, 128, generator=g), 64)), torch.randn(96, generator=g)
     x = torch.randn(1, rows, 128, generator=g)
     calls, original = [], probe.int4_mm
     monkeypatch.setattr(probe, "int4_mm", lambda x, w: calls.append(x.shape) or original(x, w))
@@ -73,27 +92,31 @@ def test_cuda_form_cannot_be_dequantized():
         dequantize_int4(Int4Weight(w.data, w.scales_zeros, w.shape, 32, form="cuda"))
 
 
-def test_bf16_packed_run_matches_the_dequantized_run(opt_checkpoint, tmp_path, monkeypatch):
-    """In bf16, the engine's compute dtype where the int4 kernels are fast (tinygemm on a GPU takes
-    nothing else), multiplying from the codes gives the logits dequantize + dense gives, to bf16
-    rounding, at every step of the same token sequence (the packed run is fed the dense run's
-    tokens), and the same choice wherever the dense choice is not a near-tie (on an H200 one row
-    of this tiny random model has its top two logits 0.008 apart); and the packed run really used
-    the kernel for decode."""
+@pytest.mark.parametrize("dtype, feed", [("bfloat16", "1"), ("float32", "bf16")])
+def test_bf16_packed_run_matches_the_dequantized_run(opt_checkpoint, tmp_path, monkeypatch, dtype, feed):
+    """With the kernel fed bf16 activations, in a bf16 model (where the int4 kernels are fast;
+    tinygemm on a GPU takes nothing else) or a float32 one (the choice on an AVX2-only CPU),
+    multiplying from the codes gives the logits dequantize + dense gives, to bf16 rounding, at
+    every step of the same token sequence (the packed run is fed the dense run's tokens), and the
+    same choice wherever the dense choice is not a near-tie (on an H200 one row of this tiny random
+    model has its top two logits 0.008 apart); and the packed run really used the kernel for decode."""
     from conftest import PROMPTS, _force_int4, count_int4_products
     from flexgen_dist import Engine, Policy
     path, _ = opt_checkpoint
     tolerance = 0.05
     calls = count_int4_products(monkeypatch)
+    fed = []
+    original_mm = probe.int4_mm
+    monkeypatch.setattr(probe, "int4_mm", lambda x, w: fed.append(w.scales_zeros.dtype) or original_mm(x, w))
 
     def run(packed: bool, force=None):
-        clear = _force_int4(monkeypatch, packed)
+        clear = _force_int4(monkeypatch, feed if packed else False)
         before = len(calls)
         engine = Engine.from_pretrained(path, policy=Policy(compress_weight=True, gpu_batch_size=5),
-                                        offload_dir=tmp_path / str(packed), dtype="bfloat16")
+                                        offload_dir=tmp_path / str(packed), dtype=dtype)
         try:
-            if packed and not kernels.use_int4(engine.devices.compute, torch.bfloat16):
-                pytest.skip(f"no int4 kernel for bf16 on {engine.devices.compute}")
+            if packed and not kernels.use_int4(engine.devices.compute, engine.dtype):
+                pytest.skip(f"no int4 kernel fed bf16 for {dtype} on {engine.devices.compute}")
             ids, logits = engine.generate(PROMPTS, max_new_tokens=8, return_logits=True, force_tokens=force)
             return ids, logits, calls[before:]
         finally:
@@ -103,6 +126,7 @@ def test_bf16_packed_run_matches_the_dequantized_run(opt_checkpoint, tmp_path, m
     width = dense_ids.shape[1] - len(dense_logits)
     _, packed_logits, packed_calls = run(True, force=dense_ids[:, width:])
     assert packed_calls and min(packed_calls) <= kernels.INT4_MAX_ROWS and not dense_calls
+    assert set(fed) == {torch.bfloat16}
     for mine, theirs in zip(packed_logits, dense_logits):
         torch.testing.assert_close(mine, theirs, atol=tolerance, rtol=tolerance)
         top2 = theirs.float().topk(2, dim=-1).values

@@ -10,7 +10,7 @@ from flexgen_dist import Engine, Policy, kernels, probe
 from flexgen_dist.run import main
 
 
-CACHED = (probe.pack_supported, probe.bf16_speedup, probe.int4_choice)
+CACHED = (probe.pack_supported, probe.bf16_speedup, probe.int4_choice, probe.int4_cpu_block)
 
 
 @pytest.fixture(autouse=True)
@@ -151,13 +151,46 @@ def test_int4_falls_back_to_dequantizing_when_the_kernel_fails(opt_checkpoint, t
 
 
 def test_int4_choice_follows_the_measurement(monkeypatch):
-    monkeypatch.setattr(probe, "int4_speedup", lambda dtype: 0.5)
+    """A float32 model's kernel is tried fed float32 and bf16 activations; the faster feed wins if
+    it beats dequantize + dense (an AVX2-only CPU: only the bf16 feed; AMX: neither)."""
+    measured = {}
+    monkeypatch.setattr(probe, "int4_speedups", lambda dtype, feeds: [measured[f] for f in feeds])
+    measured.update({torch.float32: 0.5, torch.bfloat16: 0.9})
     assert not probe.int4_choice("cpu", torch.float32).use
     probe.int4_choice.cache_clear()
-    monkeypatch.setattr(probe, "int4_speedup", lambda dtype: 4.0)
+    measured.update({torch.float32: 4.0, torch.bfloat16: 0.9})
     choice = probe.int4_choice("cpu", torch.float32)
-    assert choice.use and "4.0x faster" in choice.reason
+    assert choice.use and choice.activations == torch.float32 and choice.reason.endswith("4.0x faster "
+                                                                                        "than dequantize + dense for a decode step")
+    probe.int4_choice.cache_clear()
+    measured.update({torch.float32: 0.1, torch.bfloat16: 5.0})
+    choice = probe.int4_choice("cpu", torch.float32)
+    assert choice.use and choice.activations == torch.bfloat16 and "5.0x faster" in choice.reason
+    assert "fed bfloat16 activations" in choice.reason
     assert not probe.int4_choice("mps", torch.float32).use  # no kernel wired for that device
+
+
+def test_int4_forced_feeds(monkeypatch):
+    """FLEXGEN_INT4=1 keeps a float32 model's own (exact) feed; =bf16 feeds bf16 activations."""
+    monkeypatch.setenv(probe.INT4_ENV, "1")
+    assert probe.int4_choice("cpu", torch.float32).activations == torch.float32
+    monkeypatch.setenv(probe.INT4_ENV, "bf16")
+    probe.int4_choice.cache_clear()
+    choice = probe.int4_choice("cpu", torch.float32)
+    assert choice.activations == torch.bfloat16 and choice.reason == "forced by FLEXGEN_INT4=bf16, fed bfloat16 activations"
+
+
+def test_int4_kernel_reading_an_unknown_layout_is_not_used(monkeypatch):
+    """A CPU whose conversion op writes neither known layout: the engine's codes would be read
+    wrong, so the kernel is not used even when forced."""
+    monkeypatch.setattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", lambda codes, inner: codes.byte()[:, ::2])
+    probe.int4_cpu_block.cache_clear()
+    monkeypatch.setenv(probe.INT4_ENV, "1")
+    try:
+        choice = probe.int4_choice("cpu", torch.float32)
+    finally:
+        probe.int4_cpu_block.cache_clear()
+    assert not choice.use and choice.reason == "the int4 kernel reads a layout this engine does not write"
 
 
 def test_forced_int4_in_bf16_stays_close_to_dequantizing(opt_checkpoint, tmp_path, monkeypatch):
