@@ -281,7 +281,7 @@ def int4_speedups(dtype: torch.dtype, feeds: list[torch.dtype]) -> list[float]:
     return [dense_s / best.get(i, first[i]) for i in range(len(feeds))]
 
 
-def _int4_feeds(device_type: str, dtype: torch.dtype, forced: str | None) -> list[torch.dtype]:
+def _int4_feeds(device_type: str, dtype: torch.dtype, forced: bool | str | None) -> list[torch.dtype]:
     """The activation dtypes to try the kernel with: the model's, and bf16 for a float32 model on
     a CPU; FLEXGEN_INT4=1 keeps the model's (exact), =bf16 only bf16."""
     if forced == "bf16":
