@@ -4,18 +4,18 @@
 consecutive *input* values, each value `(code - 8) * scale + zero`, with the codes laid out by
 `_convert_weight_to_int4pack_for_cpu`, whose layout depends on the CPU: rows in blocks of B (64
 with AVX-512, 32 with AVX2 only); in a block, for each k, B / 2 bytes whose low nibble is row j's
-code and high nibble row j + B / 2's. The weight store writes the 64-row layout (`Int4Weight`), so
-an AVX-512 CPU loads it with no repack at all; an AVX2 one shuffles its nibbles into 32-row blocks
-(`to_block`) and a GPU converts it into tinygemm's form, once per placement or load
-(`kernels.int4_for_device`); `dequantize_int4` gives the dense weight where the kernel is missing
-or slower (prefill).
+code and high nibble row j + B / 2's. The weight store writes the layout of the CPU it runs on
+(`Int4Weight`, `block_n`), so a disk-homed weight loads with no repack at all; a weight in the other
+layout is shuffled (`to_block`) and a GPU converts it into tinygemm's form, once per placement or
+load (`kernels.int4_for_device`); `dequantize_int4` gives the dense weight where the kernel is
+missing or slower (prefill).
 
 Invariants of an `Int4Weight`: `data` is uint8 (ceil(N / 64) * 64, K / 2) in the CPU layout of
 `block_n`-row blocks;
-`scales_zeros` is (K / G, rows of data, 2), in `dtype` (the model's) as quantized and stored, or
-in the dtype of the activations the kernel is fed (`kernels.int4_for_device`); a float32 weight's
-scales and zeros are bf16 values, so that conversion is exact; padding rows have code 8, scale 0
-and zero 0 (their value is 0); `shape` is (N, K). `form` says which kernel the data is laid out
+`scales_zeros` is (K / G, rows of data, 2), in `scale_dtype(dtype)` as quantized and stored (bf16
+for a float32 weight, whose scales and zeros are bf16 values), or in the dtype of the activations
+the kernel is fed (`kernels.int4_for_device`; exact either way); padding rows have code 8, scale
+0 and zero 0 (their value is 0); `shape` is (N, K). `form` says which kernel the data is laid out
 for: "cpu", or "cuda" (then `data` is tinygemm's int32 tensor and only that kernel can read it).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-BLOCK_N = 64  # rows per block of the store's CPU layout (AVX-512's)
+BLOCK_N = 64  # rows per block of the default CPU layout (AVX-512's); the largest, so padded rows fill any
 BLOCKS = (64, 32)  # the CPU kernel's layouts: AVX-512's, AVX2's
 GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the kernels accept
 ZERO_CODE = 8  # codes are offsets from zero: value = (code - 8) * scale + zero
@@ -63,13 +63,20 @@ def fits(shape, num_bits: int, group_size: int) -> bool:
 
 
 def padded_rows(n: int) -> int:
-    return -(-n // BLOCK_N) * BLOCK_N
+    return -(-n // BLOCK_N) * BLOCK_N  # a multiple of every layout's block
+
+
+def scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a `dtype` weight's scales and zeros are kept in: bf16 for float32 (a CPU without
+    fast float32 int4 products feeds the kernel bf16 activations and scales; half the bytes),
+    else `dtype`."""
+    return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
 def parts(shape, dtype: torch.dtype, group_size: int) -> tuple[int, int]:
-    """Bytes of the packed codes and of the scales and zeros of a weight of `shape`."""
+    """Bytes of the packed codes and of the scales and zeros of a `dtype` weight of `shape`."""
     rows, k = padded_rows(shape[0]), shape[1]
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = torch.empty((), dtype=scale_dtype(dtype)).element_size()
     return rows * k // 2, (k // group_size) * rows * 2 * elem
 
 
@@ -79,18 +86,17 @@ def _round_up(x32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _scales_zeros(groups: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group: zero (rounded to `dtype`, float32 to bf16) near where code 8 falls, then the
-    smallest scale (rounded up likewise) with which codes 0..15 reach both the group's minimum and
-    its maximum. Choosing zero first keeps every value within half a step of its code even after
-    zero is rounded. A float32 weight's scales and zeros are bf16 values so that a CPU without
-    fast float32 int4 products can feed the kernel bf16 ones, exactly the same (at 1/256 of a
-    step's precision in the scale, which costs nothing measurable)."""
-    grid = torch.bfloat16 if dtype == torch.float32 else dtype
+    """Per group, in `scale_dtype(dtype)`: zero near where code 8 falls, then the smallest scale
+    (rounded up) with which codes 0..15 reach both the group's minimum and its maximum. Choosing
+    zero first keeps every value within half a step of its code even after zero is rounded. A
+    float32 weight's are bf16 (at 1/256 of a step's precision in the scale, which costs nothing
+    measurable)."""
+    grid = scale_dtype(dtype)
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
     zero = (lo + (hi - lo) * (ZERO_CODE / 15)).to(grid)
     z = zero.float()
     need = torch.maximum((z - lo) / ZERO_CODE, (hi - z) / (15 - ZERO_CODE))
-    return _round_up(need, grid).to(dtype), zero.to(dtype)
+    return _round_up(need, grid), zero
 
 
 def _to_layout(codes: torch.Tensor, block: int = BLOCK_N) -> torch.Tensor:
@@ -111,15 +117,18 @@ def _from_layout(data: torch.Tensor, k: int, dtype: torch.dtype, block: int = BL
 
 
 def to_block(w: Int4Weight, block: int) -> Int4Weight:
-    """`w` in the CPU layout of `block`-row blocks. From 64 to 32 the nibbles move in place of a
-    whole unpack and repack: a 64-row block's byte j holds rows j and j + 32; the first 32-row
-    block's byte j (j < 16) takes rows j and j + 16 from the low nibbles of bytes j and j + 16, the
-    second rows 32 + j and 48 + j from their high nibbles."""
+    """`w` in the CPU layout of `block`-row blocks. From 64 to 32 (a store written elsewhere, or
+    the probe's trial weight, on an AVX2 CPU) the nibbles move in place of a whole unpack and
+    repack: a 64-row block's byte j holds rows j and j + 32; the first 32-row block's byte j
+    (j < 16) takes rows j and j + 16 from the low nibbles of bytes j and j + 16, the second rows
+    32 + j and 48 + j from their high nibbles."""
     if w.block_n == block:
         return w
-    if (w.block_n, block) != (64, 32) or w.form != "cpu":
-        raise ValueError(f"no conversion from {w.block_n}-row blocks to {block}-row ones")  # a dispatch bug
+    if w.form != "cpu":
+        raise ValueError(f"an int4 weight in {w.form} form has no CPU layout")  # a dispatch bug
     k = w.shape[1]
+    if (w.block_n, block) != (64, 32):
+        return replace(w, data=_to_layout(_from_layout(w.data, k, torch.uint8, w.block_n), block), block_n=block)
     old = w.data.view(-1, k, 32)
     low, high = old[..., :16], old[..., 16:]
     new = torch.empty(old.shape[0], 2, k, 16, dtype=torch.uint8, device=old.device)
@@ -128,15 +137,16 @@ def to_block(w: Int4Weight, block: int) -> Int4Weight:
     return replace(w, data=new.view(w.data.shape), block_n=block)
 
 
-def quantize_int4(w: torch.Tensor, group_size: int) -> Int4Weight:
-    """`w` (N, K) in the CPU layout, grouped along K; every value within half a step of the original.
-    Large weights are quantized QUANTIZE_ROWS rows at a time (whole blocks of the layout), so the
-    float32 temporaries stay small: a vocabulary table's would otherwise be several times its size."""
+def quantize_int4(w: torch.Tensor, group_size: int, block: int = BLOCK_N) -> Int4Weight:
+    """`w` (N, K) in the CPU layout of `block`-row blocks, grouped along K; every value within half
+    a step of the original. Large weights are quantized QUANTIZE_ROWS rows at a time (whole blocks
+    of the layout), so the float32 temporaries stay small: a vocabulary table's would otherwise be
+    several times its size."""
     n, k = w.shape
     if n > QUANTIZE_ROWS:
-        parts = [quantize_int4(w[i:i + QUANTIZE_ROWS], group_size) for i in range(0, n, QUANTIZE_ROWS)]
+        parts = [quantize_int4(w[i:i + QUANTIZE_ROWS], group_size, block) for i in range(0, n, QUANTIZE_ROWS)]
         return Int4Weight(torch.cat([p.data for p in parts]), torch.cat([p.scales_zeros for p in parts], dim=1),
-                          (n, k), group_size, dtype=w.dtype)
+                          (n, k), group_size, dtype=w.dtype, block_n=block)
     groups = w.float().reshape(n, k // group_size, group_size)
     scale, zero = _scales_zeros(groups, w.dtype)
     safe = torch.where(scale > 0, scale.float(), torch.ones_like(groups[..., 0]))
@@ -146,7 +156,7 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> Int4Weight:
     codes = torch.cat([codes, codes.new_full((rows - n, k), ZERO_CODE)])
     pad = lambda t: torch.cat([t, t.new_zeros(rows - n, t.shape[1])])  # noqa: E731
     scales_zeros = torch.stack([pad(scale).T, pad(zero).T], dim=-1).contiguous()
-    return Int4Weight(_to_layout(codes), scales_zeros, (n, k), group_size, dtype=w.dtype)
+    return Int4Weight(_to_layout(codes, block), scales_zeros, (n, k), group_size, dtype=w.dtype, block_n=block)
 
 
 def with_scales_in(w: Int4Weight, dtype: torch.dtype) -> Int4Weight:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .int4 import BLOCKS, Int4Weight, _from_layout, _to_layout, dequantize_int4, quantize_int4, to_block, with_scales_in
+from .int4 import BLOCK_N, BLOCKS, Int4Weight, _from_layout, _to_layout, dequantize_int4, quantize_int4, to_block, with_scales_in
 
 BF16_ENV = "FLEXGEN_CPU_BF16"
 PACK_ENV = "FLEXGEN_CPU_PACK"
@@ -224,6 +224,15 @@ def int4_cpu_block() -> int | None:
     codes = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     written = _int4_op("cpu", 0)(codes.int(), 2)
     return next((block for block in BLOCKS if torch.equal(written, _to_layout(codes, block))), None)
+
+
+def int4_store_block() -> int:
+    """The CPU layout to store 4-bit weights in: the one this CPU's kernel reads, so that loading
+    them needs no shuffle; the default one where there is no kernel (they are dequantized)."""
+    try:
+        return int4_cpu_block() or BLOCK_N
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return BLOCK_N
 
 
 def int4_to_cpu_form(w: Int4Weight) -> Int4Weight:

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .budget import require_disk_space
-from . import int4
+from . import int4, probe
 from .compression import CompressedTensor, CompressionConfig, compresses, quantize
 from .memory import DamagedFile, StoreError, nbytes, padded, read_file, write_file
 from .models import ModelError, ModelSpec, builtin_spec, family_of, spec_from_dir
@@ -29,8 +29,9 @@ from .models.base import WeightSpec
 MANIFEST = "manifest.json"
 # FLEXGEN_VERIFY_STORE=0 skips the checksum of each file's first read (measured cost: benchmark/RESULTS.md)
 VERIFY_ENV = "FLEXGEN_VERIFY_STORE"
-STORE_VERSION = 5  # 3: per-file XXH3 checksums in the manifest; 4: 4-bit weights in the int4 kernel layout;
-# 5: a float32 store's 4-bit scales and zeros are bf16 values (int4._scales_zeros)
+STORE_VERSION = 6  # 3: per-file XXH3 checksums in the manifest; 4: 4-bit weights in the int4 kernel layout;
+# 5: a float32 store's 4-bit scales and zeros are bf16 values (int4._scales_zeros); 6: and stored as
+# bf16, and the codes in the layout this CPU's int4 kernel reads (identity: int4_block)
 
 
 class DummySource:
@@ -214,13 +215,16 @@ class TensorStore:
     """One file per tensor (padded for O_DIRECT) plus a manifest; the manifest is written last, so a
     conversion that died leaves tensors the manifest does not list, and they are converted again.
     With `compression`, matmul weights are stored packed: codes in `NAME.q.bin`, the per-group
-    scales in `NAME.s.bin`; 4-bit weights that fit it in the CPU int4 kernel's layout (`int4.py`,
-    read back as an Int4Weight, no repack), others as a CompressedTensor (min and step per group)."""
+    scales in `NAME.s.bin`; 4-bit weights that fit it in the layout this CPU's int4 kernel reads
+    (`int4.py`, read back as an Int4Weight, no repack: the layout is part of the store's identity,
+    so another CPU kind converts its own version), others as a CompressedTensor (min and step per
+    group)."""
 
     def __init__(self, root: str, fingerprint: str, dtype: torch.dtype,
                  compression: CompressionConfig | None = None, rebuild: bool = False):
         self.root, self.fingerprint, self.dtype, self.compression = root, fingerprint, dtype, compression
         self.rebuild = rebuild  # convert every tensor again (after damage), even if the manifest lists it
+        self.int4_block = probe.int4_store_block() if compression else None
         self.tensors: dict[str, dict] = {}
         self._verified: set[str] = set()  # tensors whose files were checked in this process
 
@@ -332,7 +336,7 @@ class TensorStore:
             return entry
         config = self.compression
         if int4.fits(spec.shape, config.num_bits, config.group_size):
-            q = int4.quantize_int4(t, config.group_size)
+            q = int4.quantize_int4(t, config.group_size, self.int4_block)
             codes, scales, layout = q.data, q.scales_zeros, "int4"
         else:
             c = quantize(t, config)
@@ -363,7 +367,8 @@ class TensorStore:
 
     def _identity(self) -> dict:
         return {"version": STORE_VERSION, "source": self.fingerprint, "dtype": str(self.dtype),
-                "compression": None if self.compression is None else vars(self.compression)}
+                "compression": None if self.compression is None else vars(self.compression),
+                "int4_block": self.int4_block}
 
     def _check(self, name: str, spec: WeightSpec) -> None:
         entry = self.tensors[name]
@@ -409,11 +414,13 @@ class TensorStore:
                 packed = entry["packed"]
                 codes = read_file(files["codes"], packed["nbytes"][0], alloc, digests.get("codes")).view(packed["codes"])
                 scales = read_file(files["scales"], packed["nbytes"][1], alloc, digests.get("scales"))
-                scales = scales.view(self.dtype).view(packed["scales"])
                 shape = tuple(entry["shape"])
                 if packed["layout"] == "int4":
-                    value = int4.Int4Weight(codes, scales, shape, self.compression.group_size)
+                    scales = scales.view(int4.scale_dtype(self.dtype)).view(packed["scales"])
+                    value = int4.Int4Weight(codes, scales, shape, self.compression.group_size, dtype=self.dtype,
+                                            block_n=self.int4_block)
                 else:
+                    scales = scales.view(self.dtype).view(packed["scales"])
                     value = CompressedTensor(codes, scales[0], scales[1], shape, self.compression)
         except DamagedFile as e:
             raise StoreError(f"{e}; rerun with --rebuild-store, or delete {self.root}") from None

@@ -6,6 +6,9 @@ import torch
 from flexgen_dist import int4, kernels, probe
 from flexgen_dist.compression import CompressionConfig
 from flexgen_dist.int4 import Int4Weight, _to_layout, dequantize_int4, padded_rows, quantize_int4, weight_parts
+from flexgen_dist.memory import padded
+from flexgen_dist.models.base import WeightSpec
+from flexgen_dist.weights import TensorStore
 
 HAS_CPU_KERNEL = hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
@@ -25,16 +28,18 @@ def test_layout_is_the_one_the_cpu_conversion_op_writes(rows):
 
 
 def test_every_layout_gives_the_same_weight_and_rows():
-    """The store's 64-row layout shuffled into 32-row blocks (an AVX2 CPU's) is the same weight:
-    dequantized and looked up row by row, bit for bit."""
-    w = quantize_int4(torch.randn(200, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16), 32)
-    avx2 = int4.to_block(w, 32)
-    assert avx2.block_n == 32 and not torch.equal(avx2.data, w.data)
-    assert torch.equal(dequantize_int4(avx2), dequantize_int4(w))
+    """The 64-row layout shuffled into 32-row blocks (an AVX2 CPU's) is the same weight: dequantized
+    and looked up row by row, bit for bit; it is what quantizing into 32-row blocks writes, and
+    shuffles back."""
+    w = torch.randn(200, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    avx512 = quantize_int4(w, 32)
+    avx2 = int4.to_block(avx512, 32)
+    assert avx2.block_n == 32 and not torch.equal(avx2.data, avx512.data)
+    assert torch.equal(dequantize_int4(avx2), dequantize_int4(avx512))
     ids = torch.tensor([0, 15, 16, 31, 32, 47, 48, 63, 64, 199])
-    assert torch.equal(kernels.embedding(ids, avx2), dequantize_int4(w)[ids])
-    with pytest.raises(ValueError, match="no conversion"):
-        int4.to_block(avx2, 64)
+    assert torch.equal(kernels.embedding(ids, avx2), dequantize_int4(avx512)[ids])
+    assert torch.equal(quantize_int4(w, 32, block=32).data, avx2.data)
+    assert torch.equal(int4.to_block(avx2, 64).data, avx512.data)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -76,7 +81,8 @@ def test_a_large_weight_quantized_in_parts_is_the_weight_quantized_whole(monkeyp
 @pytest.mark.parametrize("rows", [1, kernels.INT4_MAX_ROWS, kernels.INT4_MAX_ROWS + 1])
 def test_few_rows_use_the_kernel_and_many_dequantize(rows, monkeypatch):
     g = torch.Generator().manual_seed(2)
-    w, b = probe.int4_to_cpu_form(quantize_int4(torch.randn(96, 128, generator=g), 64)), torch.randn(96, generator=g)
+    w = int4.with_scales_in(probe.int4_to_cpu_form(quantize_int4(torch.randn(96, 128, generator=g), 64)), torch.float32)
+    b = torch.randn(96, generator=g)
     x = torch.randn(1, rows, 128, generator=g)
     calls, original = [], probe.int4_mm
     monkeypatch.setattr(probe, "int4_mm", lambda x, w: calls.append(x.shape) or original(x, w))
@@ -84,6 +90,61 @@ def test_few_rows_use_the_kernel_and_many_dequantize(rows, monkeypatch):
     assert y.shape == (1, rows, 96)
     torch.testing.assert_close(y, x @ dequantize_int4(w).T + b, atol=1e-4, rtol=1e-4)
     assert calls == ([(rows, 128)] if rows <= kernels.INT4_MAX_ROWS else [])
+
+
+class _Source:
+    fingerprint = "test:int4-layout"
+
+    def get(self, name, shape, dtype):
+        return torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+
+
+def _store(root, monkeypatch, block: int | None = None) -> TensorStore:
+    """A float32 4-bit store of one compressible weight, converted on a CPU whose kernel reads
+    `block`-row blocks (forced; None: this CPU's own)."""
+    if block is not None:
+        monkeypatch.setattr(probe, "int4_cpu_block", lambda: block)
+    store = TensorStore(str(root), _Source.fingerprint, torch.float32, CompressionConfig(4, 32))
+    store.ensure([WeightSpec("w", "w", (200, 128), compressible=True, linear=True)], _Source(), progress=False)
+    return store
+
+
+def test_the_store_holds_the_layout_its_cpu_kernel_reads(tmp_path, monkeypatch):
+    """4-bit codes are stored in the CPU kernel's layout, whichever this CPU's is (both forced), with
+    a float32 weight's scales as bf16 (its bf16 grid: half the bytes), so loading them shuffles and
+    converts nothing; the other layout is a store version of its own, the same weight bit for bit."""
+    stores = {block: _store(tmp_path / "w", monkeypatch, block) for block in int4.BLOCKS}
+    try:
+        read = {block: store.read("w") for block, store in stores.items()}
+        assert stores[64].root != stores[32].root
+        assert [w.block_n for w in read.values()] == list(int4.BLOCKS)
+        assert {w.scales_zeros.dtype for w in read.values()} == {torch.bfloat16}
+        assert {w.dtype for w in read.values()} == {torch.float32}
+        assert torch.equal(int4.to_block(read[64], 32).data, read[32].data)
+        assert torch.equal(dequantize_int4(read[64]), dequantize_int4(read[32]))
+        assert dequantize_int4(read[32]).dtype == torch.float32
+        assert stores[32].file_bytes("w") == sum(map(padded, weight_parts((200, 128), torch.float32,
+                                                                             CompressionConfig(4, 32))))
+    finally:
+        for store in stores.values():
+            store.close()
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="this PyTorch has no CPU int4 kernel")
+def test_a_disk_homed_weight_reaches_the_kernel_as_read(tmp_path, monkeypatch):
+    """A weight read from the store is already in the form this CPU's kernel takes when fed bf16:
+    no shuffle, no scale conversion, no copy per load."""
+    from conftest import _force_int4
+    clear = _force_int4(monkeypatch, "bf16")
+    try:
+        if not probe.int4_choice("cpu", torch.float32).use:
+            pytest.skip("no int4 kernel fed bf16 on this CPU")
+        store = _store(tmp_path / "w", monkeypatch)
+        w = store.read("w")
+        assert kernels.int4_for_device(w, torch.device("cpu")) is w
+        store.close()
+    finally:
+        clear()
 
 
 def test_cuda_form_cannot_be_dequantized():
