@@ -12,6 +12,8 @@ which is faster there (benchmark/RESULTS.md, "Packed int4 weights").
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -50,13 +52,28 @@ def int4_for_device(w: Int4Weight, device: torch.device) -> Int4Weight:
     return probe.int4_to_cuda_form(w) if device.type == "cuda" else probe.int4_to_cpu_form(w)
 
 
+_scratch = threading.local()  # per thread: dtype -> the buffer weights are dequantized into for one product
+
+
+def _dense_buffer(w: Int4Weight) -> torch.Tensor:
+    """A buffer for `w` dequantized, reused by every product of this thread that dequantizes: as
+    large as the largest such weight so far, which the memory budget already counts among the
+    weights in flight."""
+    shape = (w.data.shape[0], w.shape[1])
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(w.dtype)
+    if buf is None or buf.numel() < shape[0] * shape[1] or buf.device != w.device:
+        buf = buffers[w.dtype] = torch.empty(shape[0] * shape[1], dtype=w.dtype, device=w.device)
+    return buf[:shape[0] * shape[1]].view(shape)
+
+
 def int4_linear(x: torch.Tensor, w: Int4Weight, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T (+ b) in x's dtype, from the packed codes; dense after dequantizing for many rows on
-    a CPU."""
+    """x @ w.T (+ b) in x's dtype, from the packed codes; dense after dequantizing (into a reused
+    buffer) for many rows on a CPU."""
     n, k = w.shape
     rows = x.numel() // k
     if w.form == "cpu" and rows > INT4_MAX_ROWS:
-        return F.linear(x, dequantize_int4(w), b)
+        return F.linear(x, dequantize_int4(w, out=_dense_buffer(w)), b)
     y = probe.int4_mm(x.reshape(rows, k).contiguous(), w)
     y = (y if y.shape[1] == n else y[:, :n]).reshape(*x.shape[:-1], n)
     return y if b is None else y + b

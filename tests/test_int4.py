@@ -2,6 +2,7 @@
 dispatch between the kernel (few rows) and dequantize + dense (many rows)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from flexgen_dist import int4, kernels, probe
 from flexgen_dist.compression import CompressionConfig
@@ -145,6 +146,21 @@ def test_a_disk_homed_weight_reaches_the_kernel_as_read(tmp_path, monkeypatch):
         store.close()
     finally:
         clear()
+
+
+def test_many_rows_dequantize_into_one_reused_buffer():
+    """Products that dequantize reuse one buffer per thread, grown to the largest weight: a smaller
+    weight after a larger one still multiplies by exactly its own values (what a fresh tensor gives)."""
+    g = torch.Generator().manual_seed(6)
+    large, small = (quantize_int4(torch.randn(n, k, generator=g), 32) for n, k in ((192, 256), (70, 64)))
+    x_large, x_small = torch.randn(40, 256, generator=g), torch.randn(40, 64, generator=g)
+    y_large = kernels.linear(x_large, large)
+    buffer = kernels._scratch.buffers[torch.float32]
+    y_small = kernels.linear(x_small, small)
+    assert kernels._scratch.buffers[torch.float32] is buffer and buffer.numel() >= 192 * 256
+    assert torch.equal(y_large, F.linear(x_large, dequantize_int4(large)))
+    assert torch.equal(y_small, F.linear(x_small, dequantize_int4(small)))
+    assert torch.equal(dequantize_int4(small, out=torch.full((128, 64), float("nan")))[:70], dequantize_int4(small))
 
 
 def test_cuda_form_cannot_be_dequantized():
