@@ -41,7 +41,7 @@ def use_int4(device: torch.device, dtype: torch.dtype) -> bool:
 
 def int4_for_device(w: Int4Weight, device: torch.device) -> Int4Weight:
     """`w` moved to `device`, in the form its int4 kernel reads, converted here once per placement
-    or load: the CPU layout of this CPU's kernel (the store's with AVX-512), tinygemm's form on a
+    or load: the CPU layout of this CPU's kernel (already the store's), tinygemm's form on a
     GPU; scales and zeros in the dtype of the activations the kernel is fed (bf16 ones for a float32
     model on some CPUs)."""
     fed = probe.int4_choice(device.type, w.dtype).activations or w.dtype
