@@ -17,7 +17,7 @@ import torch
 
 from .compression import CompressedTensor
 from .int4 import Int4Weight
-from .kernels import can_pack, int4_for_device, pack_linear_weight, use_int4
+from .kernels import can_pack, int4_for_device, pack_linear_weight, release_dense_buffers, use_int4
 from .kvcache import KVCache
 from .memory import (Devices, ReadSlab, WeightHome, nbytes, read_file, share_one_allocator_arena, to_device,
                      trim_allocator, write_file)
@@ -137,6 +137,7 @@ class LocalExecutor:
             device = self.devices.device_of(tier)
             if isinstance(value, Int4Weight) and home.keep_int4 and device == self.devices.compute:
                 home.value = int4_for_device(value, device)  # in the kernel's form once, not per step
+                home.nbytes = home.value.nbytes  # a float32 feed doubles the stored bf16 scales
             elif isinstance(value, (CompressedTensor, Int4Weight)):
                 home.value = value.to(device)
             elif only_linear and device == self.devices.compute and can_pack(device, self.dtype):
@@ -258,3 +259,4 @@ class LocalExecutor:
     def close(self) -> None:
         self.drain()
         self.io.shutdown(wait=True)
+        release_dense_buffers()

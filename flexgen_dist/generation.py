@@ -22,7 +22,7 @@ from .policy import Policy, Tier
 from .block import BlockRun, left_pad
 from .sampling import RowParams, generated_length, trim_after_stop
 from .workdir import open_work_dir, remove_work_dir
-from .weights import ResolvedModel, TensorStore, create_new, private_dir, resolve_model
+from .weights import ResolvedModel, TensorStore, create_new, int4_layout_block, private_dir, resolve_model
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -312,9 +312,11 @@ def open_store(offload_dir: str, model: ResolvedModel, dtype: torch.dtype, polic
                rebuild: bool = False) -> TensorStore:
     """The converted weight store for this model, dtype and weight compression."""
     compression = policy.weight_compression()
-    suffix = ""
+    suffix, block = "", int4_layout_block(compression)
     if compression:  # each setting its own directory, so switching between them converts each once
         suffix = f"-q{compression.num_bits}g{compression.group_size}" + ("t" if compression.tables else "")
+    if block:  # so does each CPU kind's int4 layout (hosts of two kinds may share an offload dir)
+        suffix += f"-b{block}"
     store_dir = os.path.join(offload_dir, "weights", f"{model.store_key}-{str(dtype).split('.')[-1]}{suffix}")
     return TensorStore(store_dir, model.source.fingerprint, dtype, compression, rebuild)
 

@@ -5,9 +5,9 @@ consecutive *input* values, each value `(code - 8) * scale + zero`, with the cod
 `_convert_weight_to_int4pack_for_cpu`, whose layout depends on the CPU: rows in blocks of B (64
 with AVX-512, 32 with AVX2 only); in a block, for each k, B / 2 bytes whose low nibble is row j's
 code and high nibble row j + B / 2's. The weight store writes the layout of the CPU it runs on
-(`Int4Weight`, `block_n`), so a disk-homed weight loads with no repack at all; a weight in the other
-layout is shuffled (`to_block`) and a GPU converts it into tinygemm's form, once per placement or
-load (`kernels.int4_for_device`); `dequantize_int4` gives the dense weight where the kernel is
+(`Int4Weight`, `block_n`), so a disk-homed weight loads with no repack at all; a weight quantized in
+another layout is shuffled (`to_block`) and a GPU converts it into tinygemm's form, once per
+placement or load (`kernels.int4_for_device`); `dequantize_int4` gives the dense weight where the kernel is
 missing or slower (prefill).
 
 Invariants of an `Int4Weight`: `data` is uint8 (ceil(N / 64) * 64, K / 2) in the CPU layout of
@@ -29,6 +29,7 @@ BLOCKS = (64, 32)  # the CPU kernel's layouts: AVX-512's, AVX2's
 GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the kernels accept
 ZERO_CODE = 8  # codes are offsets from zero: value = (code - 8) * scale + zero
 QUANTIZE_ROWS = 64 * BLOCK_N  # rows quantized at a time (a multiple of BLOCK_N: only the last part is padded)
+DEQUANTIZE_CHUNK_BYTES = 4 << 20  # codes unpacked at a time when dequantizing
 
 
 @dataclass
@@ -117,9 +118,9 @@ def _from_layout(data: torch.Tensor, k: int, dtype: torch.dtype, block: int = BL
 
 
 def to_block(w: Int4Weight, block: int) -> Int4Weight:
-    """`w` in the CPU layout of `block`-row blocks. From 64 to 32 (a store written elsewhere, or
-    the probe's trial weight, on an AVX2 CPU) the nibbles move in place of a whole unpack and
-    repack: a 64-row block's byte j holds rows j and j + 32; the first 32-row block's byte j
+    """`w` in the CPU layout of `block`-row blocks (stores are written in this CPU's: this serves
+    weights quantized in the default layout, e.g. the probe's trial one). From 64 to 32 the
+    nibbles move in place of a whole unpack and repack: a 64-row block's byte j holds rows j and j + 32; the first 32-row block's byte j
     (j < 16) takes rows j and j + 16 from the low nibbles of bytes j and j + 16, the second rows
     32 + j and 48 + j from their high nibbles."""
     if w.block_n == block:
@@ -168,16 +169,19 @@ def with_scales_in(w: Int4Weight, dtype: torch.dtype) -> Int4Weight:
 def dequantize_int4(w: Int4Weight, out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense (N, K) weight in `w.dtype`: (code - 8) * scale + zero, as the kernel computes it;
     written into `out` (rows of `w.data` x K, `w.dtype`) when given: a fresh tensor of a weight's
-    size costs more in page faults than the arithmetic (26 of 49 ms for 8192 x 2048 float32)."""
+    size costs more in page faults than the arithmetic (26 of 49 ms for 8192 x 2048 float32).
+    Codes are unpacked DEQUANTIZE_CHUNK_BYTES at a time, so the dense weight is the only large
+    allocation."""
     if w.form != "cpu":
         raise ValueError(f"an int4 weight in {w.form} form cannot be dequantized")  # a dispatch bug
-    n, k = w.shape
-    offsets = _from_layout(w.data, k, torch.uint8, w.block_n).view(torch.int8).sub_(ZERO_CODE)  # exact
-    values = torch.empty(offsets.shape, dtype=w.dtype, device=w.device) if out is None else out
-    values.copy_(offsets)
-    grouped = values.view(values.shape[0], k // w.group_size, w.group_size)
+    (n, k), rows, g = w.shape, w.data.shape[0], w.group_size
+    values = torch.empty(rows, k, dtype=w.dtype, device=w.device) if out is None else out
     scale, zero = (w.scales_zeros[..., i].T[..., None].to(w.dtype) for i in (0, 1))
-    grouped.mul_(scale).add_(zero)
+    step = max(1, DEQUANTIZE_CHUNK_BYTES // (k * w.block_n)) * w.block_n
+    for r in range(0, rows, step):
+        part = values[r:r + step]
+        part.copy_(_from_layout(w.data[r:r + step], k, torch.uint8, w.block_n).view(torch.int8).sub_(ZERO_CODE))
+        part.view(-1, k // g, g).mul_(scale[r:r + step]).add_(zero[r:r + step])  # offsets exact in int8
     return values[:n]
 
 

@@ -57,14 +57,19 @@ _scratch = threading.local()  # per thread: dtype -> the buffer weights are dequ
 
 def _dense_buffer(w: Int4Weight) -> torch.Tensor:
     """A buffer for `w` dequantized, reused by every product of this thread that dequantizes: as
-    large as the largest such weight so far, which the memory budget already counts among the
-    weights in flight."""
+    large as the largest such weight so far, which the memory budget counts among the weights in
+    flight; freed when the engine closes (`release_dense_buffers`)."""
     shape = (w.data.shape[0], w.shape[1])
     buffers = _scratch.__dict__.setdefault("buffers", {})
     buf = buffers.get(w.dtype)
     if buf is None or buf.numel() < shape[0] * shape[1] or buf.device != w.device:
         buf = buffers[w.dtype] = torch.empty(shape[0] * shape[1], dtype=w.dtype, device=w.device)
     return buf[:shape[0] * shape[1]].view(shape)
+
+
+def release_dense_buffers() -> None:
+    """Free this thread's dequantize buffers (an engine closing: the next one budgets its own)."""
+    _scratch.__dict__.pop("buffers", None)
 
 
 def int4_linear(x: torch.Tensor, w: Int4Weight, b: torch.Tensor | None = None) -> torch.Tensor:

@@ -211,6 +211,14 @@ def _names() -> list[str]:
     return sorted(BUILTIN)
 
 
+def int4_layout_block(compression: CompressionConfig | None) -> int | None:
+    """Rows per block of the CPU layout a store with `compression` writes its int4 weights in (the
+    one this CPU's kernel reads), or None if it writes none."""
+    if compression is None or compression.num_bits != 4 or compression.group_size not in int4.GROUP_SIZES:
+        return None
+    return probe.int4_store_block()
+
+
 class TensorStore:
     """One file per tensor (padded for O_DIRECT) plus a manifest; the manifest is written last, so a
     conversion that died leaves tensors the manifest does not list, and they are converted again.
@@ -224,7 +232,7 @@ class TensorStore:
                  compression: CompressionConfig | None = None, rebuild: bool = False):
         self.root, self.fingerprint, self.dtype, self.compression = root, fingerprint, dtype, compression
         self.rebuild = rebuild  # convert every tensor again (after damage), even if the manifest lists it
-        self.int4_block = probe.int4_store_block() if compression else None
+        self.int4_block = int4_layout_block(compression)
         self.tensors: dict[str, dict] = {}
         self._verified: set[str] = set()  # tensors whose files were checked in this process
 
@@ -272,7 +280,7 @@ class TensorStore:
         mine = [gen for h, gen, _ in versions if h == ident]
         if not mine:
             if versions:
-                print(f"note: weight store {self.base}: checkpoint, dtype or compression changed; converting "
+                print(f"note: weight store {self.base}: checkpoint, dtype, compression or int4 layout changed; converting "
                       "a new version beside the old one, which is removed once no job reads it")
             return private_dir(version_path(self.base, ident, 0), "weight store")
         generation = max(mine) + (1 if getattr(self, "rebuild", False) else 0)

@@ -141,9 +141,11 @@ def test_a_disk_homed_weight_reaches_the_kernel_as_read(tmp_path, monkeypatch):
         if not probe.int4_choice("cpu", torch.float32).use:
             pytest.skip("no int4 kernel fed bf16 on this CPU")
         store = _store(tmp_path / "w", monkeypatch)
-        w = store.read("w")
-        assert kernels.int4_for_device(w, torch.device("cpu")) is w
-        store.close()
+        try:
+            w = store.read("w")
+            assert kernels.int4_for_device(w, torch.device("cpu")) is w
+        finally:
+            store.close()
     finally:
         clear()
 
@@ -151,6 +153,7 @@ def test_a_disk_homed_weight_reaches_the_kernel_as_read(tmp_path, monkeypatch):
 def test_many_rows_dequantize_into_one_reused_buffer():
     """Products that dequantize reuse one buffer per thread, grown to the largest weight: a smaller
     weight after a larger one still multiplies by exactly its own values (what a fresh tensor gives)."""
+    kernels.release_dense_buffers()  # what earlier tests on this thread left
     g = torch.Generator().manual_seed(6)
     large, small = (quantize_int4(torch.randn(n, k, generator=g), 32) for n, k in ((192, 256), (70, 64)))
     x_large, x_small = torch.randn(40, 256, generator=g), torch.randn(40, 64, generator=g)
@@ -161,6 +164,35 @@ def test_many_rows_dequantize_into_one_reused_buffer():
     assert torch.equal(y_large, F.linear(x_large, dequantize_int4(large)))
     assert torch.equal(y_small, F.linear(x_small, dequantize_int4(small)))
     assert torch.equal(dequantize_int4(small, out=torch.full((128, 64), float("nan")))[:70], dequantize_int4(small))
+    kernels.release_dense_buffers()
+    assert not getattr(kernels._scratch, "buffers", None)
+
+
+def test_dequantizing_in_chunks_gives_the_whole_weight(monkeypatch):
+    """Codes are unpacked a few blocks at a time (a small temporary); every chunk boundary lands on a
+    block of the layout, in both layouts."""
+    w = torch.randn(300, 256, generator=torch.Generator().manual_seed(7))
+    whole = {block: dequantize_int4(quantize_int4(w, 64, block)) for block in int4.BLOCKS}
+    monkeypatch.setattr(int4, "DEQUANTIZE_CHUNK_BYTES", 64 * 256)  # one 64-row block, two 32-row ones
+    for block in int4.BLOCKS:
+        assert torch.equal(dequantize_int4(quantize_int4(w, 64, block)), whole[block])
+    assert torch.equal(whole[32], whole[64])
+
+
+def test_each_cpu_kinds_int4_layout_has_a_store_directory_of_its_own(tmp_path, monkeypatch):
+    """Hosts of two CPU kinds sharing an offload dir each keep their own 4-bit store (each converts
+    once, as each compression setting does); an uncompressed store does not depend on the layout."""
+    from types import SimpleNamespace
+    from flexgen_dist import Policy
+    from flexgen_dist.generation import open_store
+    model = SimpleNamespace(store_key="m", source=SimpleNamespace(fingerprint="test:dirs"))
+
+    def root(block: int, compress: bool) -> str:
+        monkeypatch.setattr(probe, "int4_cpu_block", lambda: block)
+        return open_store(str(tmp_path), model, torch.float32, Policy(compress_weight=compress)).root
+    packed = [root(block, True) for block in int4.BLOCKS]
+    assert packed[0].endswith("-b64") and packed[1].endswith("-b32")
+    assert root(64, False) == root(32, False)
 
 
 def test_cuda_form_cannot_be_dequantized():
