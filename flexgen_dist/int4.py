@@ -5,10 +5,10 @@ consecutive *input* values, each value `(code - 8) * scale + zero`, with the cod
 `_convert_weight_to_int4pack_for_cpu`, whose layout depends on the CPU: rows in blocks of B (64
 with AVX-512, 32 with AVX2 only); in a block, for each k, B / 2 bytes whose low nibble is row j's
 code and high nibble row j + B / 2's. The weight store writes the layout of the CPU it runs on
-(`Int4Weight`, `block_n`), so a disk-homed weight loads with no repack at all; a weight quantized in
-another layout is shuffled (`to_block`) and a GPU converts it into tinygemm's form, once per
-placement or load (`kernels.int4_for_device`); `dequantize_int4` gives the dense weight where the kernel is
-missing or slower (prefill).
+(`Int4Weight`, `block_n`), so a disk-homed weight loads with no repack at all; a weight quantized
+in another layout is shuffled (`to_block`) and a GPU converts it into tinygemm's form, once per
+placement or load (`kernels.int4_for_device`); `dequantize_int4` gives the dense weight where the
+kernel is missing or slower (prefill).
 
 Invariants of an `Int4Weight`: `data` is uint8 (ceil(N / 64) * 64, K / 2) in the CPU layout of
 `block_n`-row blocks;
@@ -107,11 +107,11 @@ def _to_layout(codes: torch.Tensor, block: int = BLOCK_N) -> torch.Tensor:
     return (blocks[:, 0] | (blocks[:, 1] << 4)).contiguous().view(rows, k // 2)
 
 
-def _from_layout(data: torch.Tensor, k: int, dtype: torch.dtype, block: int = BLOCK_N) -> torch.Tensor:
-    """The CPU layout's bytes -> codes (rows, K) as `dtype` values."""
+def _from_layout(data: torch.Tensor, k: int, block: int = BLOCK_N) -> torch.Tensor:
+    """The CPU layout's bytes -> uint8 codes (rows, K)."""
     rows = data.shape[0]
     packed = data.view(rows // block, k, block // 2).transpose(1, 2)  # (blocks, block / 2, K)
-    codes = torch.empty(rows // block, 2, block // 2, k, dtype=dtype, device=data.device)
+    codes = torch.empty(rows // block, 2, block // 2, k, dtype=torch.uint8, device=data.device)
     codes[:, 0] = packed & 0xF
     codes[:, 1] = packed >> 4
     return codes.view(rows, k)
@@ -120,16 +120,16 @@ def _from_layout(data: torch.Tensor, k: int, dtype: torch.dtype, block: int = BL
 def to_block(w: Int4Weight, block: int) -> Int4Weight:
     """`w` in the CPU layout of `block`-row blocks (stores are written in this CPU's: this serves
     weights quantized in the default layout, e.g. the probe's trial one). From 64 to 32 the
-    nibbles move in place of a whole unpack and repack: a 64-row block's byte j holds rows j and j + 32; the first 32-row block's byte j
-    (j < 16) takes rows j and j + 16 from the low nibbles of bytes j and j + 16, the second rows
-    32 + j and 48 + j from their high nibbles."""
+    nibbles move in place of a whole unpack and repack: a 64-row block's byte j holds rows j and
+    j + 32; the first 32-row block's byte j (j < 16) takes rows j and j + 16 from the low nibbles
+    of bytes j and j + 16, the second rows 32 + j and 48 + j from their high nibbles."""
     if w.block_n == block:
         return w
     if w.form != "cpu":
         raise ValueError(f"an int4 weight in {w.form} form has no CPU layout")  # a dispatch bug
     k = w.shape[1]
     if (w.block_n, block) != (64, 32):
-        return replace(w, data=_to_layout(_from_layout(w.data, k, torch.uint8, w.block_n), block), block_n=block)
+        return replace(w, data=_to_layout(_from_layout(w.data, k, w.block_n), block), block_n=block)
     old = w.data.view(-1, k, 32)
     low, high = old[..., :16], old[..., 16:]
     new = torch.empty(old.shape[0], 2, k, 16, dtype=torch.uint8, device=old.device)
@@ -180,7 +180,7 @@ def dequantize_int4(w: Int4Weight, out: torch.Tensor | None = None) -> torch.Ten
     step = max(1, DEQUANTIZE_CHUNK_BYTES // (k * w.block_n)) * w.block_n
     for r in range(0, rows, step):
         part = values[r:r + step]
-        part.copy_(_from_layout(w.data[r:r + step], k, torch.uint8, w.block_n).view(torch.int8).sub_(ZERO_CODE))
+        part.copy_(_from_layout(w.data[r:r + step], k, w.block_n).view(torch.int8).sub_(ZERO_CODE))
         part.view(-1, k // g, g).mul_(scale[r:r + step]).add_(zero[r:r + step])  # offsets exact in int8
     return values[:n]
 

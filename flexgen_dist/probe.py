@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .int4 import BLOCK_N, BLOCKS, Int4Weight, _from_layout, _to_layout, dequantize_int4, quantize_int4, to_block, with_scales_in
+from .int4 import (BLOCK_N, BLOCKS, Int4Weight, _from_layout, _to_layout, dequantize_int4, quantize_int4, to_block,
+                   with_scales_in)
 
 BF16_ENV = "FLEXGEN_CPU_BF16"
 PACK_ENV = "FLEXGEN_CPU_PACK"
@@ -210,7 +211,7 @@ def int4_mm(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
 
 def int4_to_cuda_form(w: Int4Weight) -> Int4Weight:
     """A CPU-form Int4Weight on a GPU -> tinygemm's form (codes two per byte, even k in the high nibble)."""
-    codes = _from_layout(w.data, w.shape[1], torch.uint8, w.block_n)
+    codes = _from_layout(w.data, w.shape[1], w.block_n)
     packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
     k = w.shape[1]
     tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)

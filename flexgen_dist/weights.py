@@ -224,9 +224,9 @@ class TensorStore:
     conversion that died leaves tensors the manifest does not list, and they are converted again.
     With `compression`, matmul weights are stored packed: codes in `NAME.q.bin`, the per-group
     scales in `NAME.s.bin`; 4-bit weights that fit it in the layout this CPU's int4 kernel reads
-    (`int4.py`, read back as an Int4Weight, no repack: the layout is part of the store's identity,
-    so another CPU kind converts its own version), others as a CompressedTensor (min and step per
-    group)."""
+    (`int4.py`, read back as an Int4Weight, no repack: the layout is part of the store's identity
+    and directory, so another CPU kind converts a store of its own), others as a CompressedTensor
+    (min and step per group)."""
 
     def __init__(self, root: str, fingerprint: str, dtype: torch.dtype,
                  compression: CompressionConfig | None = None, rebuild: bool = False):
@@ -280,7 +280,7 @@ class TensorStore:
         mine = [gen for h, gen, _ in versions if h == ident]
         if not mine:
             if versions:
-                print(f"note: weight store {self.base}: checkpoint, dtype, compression or int4 layout changed; converting "
+                print(f"note: weight store {self.base}: checkpoint, dtype or compression changed; converting "
                       "a new version beside the old one, which is removed once no job reads it")
             return private_dir(version_path(self.base, ident, 0), "weight store")
         generation = max(mine) + (1 if getattr(self, "rebuild", False) else 0)
