@@ -105,6 +105,8 @@ class HardwareProfile:
     rates: dict[str, float] = field(default_factory=dict)
     path: str | None = None
     measured_s: float = 0.0  # time spent measuring in this process
+    # called once, before the first measurement this process makes (a status line: it may take a minute)
+    on_first_measurement: Callable[[], None] | None = field(default=None, repr=False, compare=False)
     _points: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ----- lookups the cost model uses ---------------------------------------------------------
@@ -150,6 +152,9 @@ class HardwareProfile:
     # ----- measuring ---------------------------------------------------------------------------
     def ensure(self, key: str, measure: Callable[[], float]) -> float:
         if key not in self.rates:
+            if self.on_first_measurement is not None:
+                self.on_first_measurement()
+                self.on_first_measurement = None
             t0 = time.perf_counter()
             self.rates[key] = float(measure())
             self.measured_s += time.perf_counter() - t0

@@ -53,11 +53,19 @@ def dtype_candidates(requested: str | None, device: torch.device, dim: int = 204
 BF16_DOMINATES = 1.5
 
 
-def this_rank(spec, config: PlannerConfig, offload_dir: str, dtypes, rank: int = 0) -> Rank:
-    """This process's machine, measured as far as the model needs, and its budgets."""
+def this_rank(spec, config: PlannerConfig, offload_dir: str, dtypes, rank: int = 0, announce: bool = False) -> Rank:
+    """This process's machine, measured as far as the model needs, and its budgets. With
+    `announce`, a line before measuring anything and one when done, on stdout with the plan (stderr
+    carries only warnings and errors): the first run on a machine measures for about a minute,
+    which would otherwise look like a hang."""
     device = Devices.detect().compute
     profile = load_profile(device, reprofile=config.reprofile)
+    if announce:
+        profile.on_first_measurement = lambda: print(
+            f"measuring this machine for the planner (once; kept in {os.path.dirname(profile.path)})", flush=True)
     profile_model(profile, device, dtypes, spec, family_of(spec), offload_dir)
+    if announce and profile.measured_s:
+        print(f"measured in {profile.measured_s:.0f} s", flush=True)
     cpu_mem = config.rank_mem[rank] if config.rank_mem else config.cpu_mem
     limits = budgets(device, offload_dir, config.gpu_mem, cpu_mem, config.disk_mem)
     return Rank(Machine(profile, device.type == "cpu", offload_dir, spec), limits)
@@ -172,7 +180,8 @@ def plan_run(args, ctx: DistContext, policy: Policy, engine_config, requests) ->
     chunks = engine_config.prefill_chunks if "prefill_chunks" in getattr(args, "given", set()) else None
     options = options_for(config, policy, dtypes, engine_config.stage_layers, engine_config.micro_batches, fixed,
                           chunks)
-    me = this_rank(spec, config, prepare_offload_dir(engine_config.offload_dir), dtypes, ctx.rank)
+    me = this_rank(spec, config, prepare_offload_dir(engine_config.offload_dir), dtypes, ctx.rank,
+                   announce=ctx.first and not args.quiet)
     ranks = gather(ctx, me)
     decision = None
     if auto:
@@ -330,7 +339,7 @@ def main(argv=None) -> int:
         dtypes = dtype_candidates(args.dtype, device, spec.hidden_size)
         threads = torch.get_num_threads()
         torch.set_num_threads(max(threads // args.ranks, 1))  # each rank's share of the cores
-        ranks = [this_rank(spec, config, offload_dir, dtypes, r) for r in range(args.ranks)]
+        ranks = [this_rank(spec, config, offload_dir, dtypes, r, announce=r == 0) for r in range(args.ranks)]
         num_prompts = args.num_prompts or 4096
         options = options_for(config, Policy(), dtypes)
         best = plan(Model(spec, family_of(spec)), ranks, Workload(args.prompt_len, args.gen_len), num_prompts, options)

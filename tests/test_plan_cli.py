@@ -23,9 +23,9 @@ def ckpt(tmp_path_factory):
     return str(path)
 
 
-def run_plan(*args):
+def run_plan(*args, env=None):
     p = subprocess.run([sys.executable, "-m", "flexgen_dist.plan", *map(str, args)], capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, env=env)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -57,6 +57,19 @@ def test_plan_command_prints_the_plan(ckpt, tmp_path):
     assert code == 0, err
     assert "--percent 100 0 100 0 100 0" in out  # a tiny model fits: nothing offloaded
     assert "predicted memory: RAM" in out and "generated tokens/s" in out and "busiest resource" in out
+
+
+def test_measuring_a_new_machine_says_so_and_a_cached_one_is_silent(ckpt, tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "fresh-cache")}  # a machine never measured
+    args = ("--model", ckpt, "--prompt-len", 8, "--gen-len", 4, "--offload-dir", tmp_path, "--dtype", "float32")
+    code, out, err = run_plan(*args, env=env)
+    assert code == 0 and err == "", err  # stderr is for warnings and errors
+    lines = out.splitlines()
+    assert lines[0].startswith("measuring this machine for the planner (once; kept in ")
+    assert str(tmp_path / "fresh-cache") in lines[0] and lines[1].startswith("measured in ")
+    assert "predicted memory" in out
+    code, out, err = run_plan(*args, env=env)
+    assert code == 0 and "measur" not in out and "predicted memory" in out, out
 
 
 def test_a_request_nothing_fits_gets_one_line(ckpt, tmp_path):
