@@ -334,7 +334,7 @@ def main(argv=None) -> int:
         spec = resolve_model(args.model, dummy_weights=True).spec
         if args.ranks < 1 or (config.rank_mem and len(config.rank_mem) != args.ranks):
             raise FlexGenError(f"--rank-mem needs one value per rank ({args.ranks})")
-        offload_dir = os.path.abspath(os.path.expanduser(args.offload_dir))
+        offload_dir = prepare_offload_dir(args.offload_dir)  # a first run's default dir does not exist yet
         device = Devices.detect().compute
         dtypes = dtype_candidates(args.dtype, device, spec.hidden_size)
         threads = torch.get_num_threads()

@@ -72,6 +72,14 @@ def test_measuring_a_new_machine_says_so_and_a_cached_one_is_silent(ckpt, tmp_pa
     assert code == 0 and "measur" not in out and "predicted memory" in out, out
 
 
+def test_plan_creates_an_offload_dir_that_does_not_exist_yet(ckpt, tmp_path):
+    fresh = tmp_path / "home" / "flexgen_offload_dir"  # as the default dir is on a new machine
+    code, out, err = run_plan("--model", ckpt, "--prompt-len", 8, "--gen-len", 4, "--offload-dir", fresh,
+                              "--dtype", "float32")
+    assert code == 0 and "predicted memory" in out, err
+    assert fresh.is_dir() and (fresh.stat().st_mode & 0o777) == 0o700
+
+
 def test_a_request_nothing_fits_gets_one_line(ckpt, tmp_path):
     code, out, err = run_plan("--model", "opt-1.3b", "--prompt-len", 8, "--gen-len", 4, "--cpu-mem", 0.2,
                               "--offload-dir", tmp_path, "--dtype", "float32")
