@@ -63,7 +63,10 @@ def this_rank(spec, config: PlannerConfig, offload_dir: str, dtypes, rank: int =
     if announce:
         profile.on_first_measurement = lambda: print(
             f"measuring this machine for the planner (once; kept in {os.path.dirname(profile.path)})", flush=True)
-    profile_model(profile, device, dtypes, spec, family_of(spec), offload_dir)
+    try:
+        profile_model(profile, device, dtypes, spec, family_of(spec), offload_dir)
+    finally:
+        profile.on_first_measurement = None  # the profile travels to rank 0 pickled, a lambda cannot
     if announce and profile.measured_s:
         print(f"measured in {profile.measured_s:.0f} s", flush=True)
     cpu_mem = config.rank_mem[rank] if config.rank_mem else config.cpu_mem
