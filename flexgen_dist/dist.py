@@ -247,6 +247,14 @@ class PeerLost(RuntimeError):
 
 
 # ----- failures ------------------------------------------------------------------------------------
+def launcher_stderr_is_terminal() -> bool:
+    """Whether this process's parent (mpirun on this node) writes its stderr to a terminal."""
+    try:
+        return os.readlink(f"/proc/{os.getppid()}/fd/2").startswith(("/dev/pts/", "/dev/tty"))
+    except OSError:  # no /proc, or another user's launcher
+        return False
+
+
 def watch_launcher(ctx: DistContext, poll_s: float = LAUNCHER_POLL_S) -> None:
     """A daemon thread that ends this rank when its launcher (the parent process: mpirun, torchrun,
     srun's step daemon) is gone. A rank blocked on a peer would otherwise linger, orphaned, until

@@ -12,7 +12,7 @@ from . import kernels, probe
 from .budget import Plan, block_plan, check_disk, check_memory, weight_plan
 from .config import EngineConfig, GenerationConfig, make
 from .errors import FlexGenError
-from .dist import DistContext, broadcast
+from .dist import DistContext, broadcast, launcher_stderr_is_terminal
 from .executor import LocalExecutor
 from .memory import Devices, peak_rss_bytes
 from .models import family_of
@@ -58,6 +58,14 @@ class GenerationStats:
         }
 
 
+def watched(ctx: DistContext) -> bool:
+    """Whether someone watches this rank live (it then shows progress bars on stderr): rank 0 with
+    stderr on a terminal, or rank 0 of an MPI job whose launcher's stderr is one. mpirun hands a
+    rank's stderr on through a pipe (and gives its stdout a terminal of its own whatever mpirun's
+    is), so neither of the rank's own streams says whether a person is watching."""
+    return ctx.first and (sys.stderr.isatty() or (ctx.mpi is not None and launcher_stderr_is_terminal()))
+
+
 def normalize_prompts(input_ids, attention_mask=None) -> list[list[int]]:
     """A list of id lists, or a (N, L) tensor with an optional mask, to a list of id lists."""
     if isinstance(input_ids, torch.Tensor):
@@ -90,7 +98,7 @@ class Engine:
         self.last_stats = GenerationStats()
         self.last_stop: list[int] = []
         self.last_batch = None  # what the last generate_batch did (batch.BatchInfo)
-        self.progress = sys.stderr.isatty() and ctx.first
+        self.progress = watched(ctx)
         self.closed = False
 
     @classmethod

@@ -1,11 +1,13 @@
 """Pipeline parallelism under mpirun (gloo on CPU): every rank count gives the single-rank tokens."""
 import json
 import os
+import pty
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -223,3 +225,46 @@ def test_rank0_waits_for_failure_reports_without_spinning(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     busy = float(re.search(r"busy ([\d.]+)", done.stdout).group(1))
     assert busy < 0.2, done.stdout
+
+
+def _drain(fd: int, into: list) -> None:
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: every holder of the terminal's other end has closed it
+            return
+        if not chunk:
+            return
+        into.append(chunk)
+
+
+@needs_mpi
+@pytest.mark.timeout(300)
+def test_a_pipeline_started_from_a_terminal_shows_rank0s_progress_bar(tmp_path):
+    """mpirun passes a rank's stderr on through a pipe (and gives its stdout a terminal of its own,
+    whatever mpirun's is): the bar must follow mpirun's stderr, or no pipeline run ever shows one."""
+    make_checkpoint(tmp_path / "ckpt", post_ln=False, layers=LAYERS)
+    args = ["-m", "flexgen_dist.run", "--model", tmp_path / "ckpt", "--gen-len", 4, "--gpu-batch-size", 2,
+            "--percent", 100, 0, 100, 0, 100, 0, "--dtype", "float32", "--offload-dir", tmp_path / "off"]
+    cmd = [MPIRUN, "-n", "2", "--oversubscribe", "--timeout", "200", sys.executable, *map(str, args)]
+
+    def run(stderr_is_terminal: bool) -> str:
+        terminal, rank_side = pty.openpty() if stderr_is_terminal else (None, subprocess.PIPE)
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=rank_side, stdin=subprocess.DEVNULL,
+                             env=mpi_env())
+        shown: list[bytes] = []
+        if stderr_is_terminal:
+            os.close(rank_side)
+            reader = threading.Thread(target=_drain, args=(terminal, shown))
+            reader.start()
+        _, err = p.communicate(timeout=250)
+        if stderr_is_terminal:
+            reader.join(timeout=30)
+            os.close(terminal)
+            err = b"".join(shown)
+        assert p.returncode == 0, err.decode(errors="replace")
+        return err.decode(errors="replace")
+
+    assert "requests: 100%" in run(stderr_is_terminal=True)
+    assert "requests:" not in run(stderr_is_terminal=False)  # stderr to a file or pipe gets no bar
+
