@@ -107,7 +107,8 @@ class JobConfig:
     bucket: bool = True
     """Group requests of similar prompt and requested length into blocks (less padding; same outputs)."""
     quiet: bool = False
-    """No progress bar (there is none anyway when stderr is not a terminal)."""
+    """No progress bar, plan or measuring lines (no bar anyway unless stderr, or under mpirun
+    mpirun's stderr, is a terminal)."""
     log_file: str | None = None
     """Append one JSON line of metrics per run to this file."""
     verbose: bool = False

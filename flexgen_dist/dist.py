@@ -246,15 +246,18 @@ class PeerLost(RuntimeError):
     """A neighbouring rank stopped answering (it died, or its process group broke)."""
 
 
-# ----- failures ------------------------------------------------------------------------------------
+# ----- the launcher's terminal ---------------------------------------------------------------------
 def launcher_stderr_is_terminal() -> bool:
-    """Whether this process's parent (mpirun on this node) writes its stderr to a terminal."""
+    """Whether this process's parent writes its stderr to a terminal: Open MPI's mpirun when rank 0
+    runs on the launching node. Elsewhere (a remote daemon, srun, MPICH's hydra, a wrapper script
+    that does not exec) it says no, and rank 0 shows no bar: the safe side."""
     try:
         return os.readlink(f"/proc/{os.getppid()}/fd/2").startswith(("/dev/pts/", "/dev/tty"))
     except OSError:  # no /proc, or another user's launcher
         return False
 
 
+# ----- failures ------------------------------------------------------------------------------------
 def watch_launcher(ctx: DistContext, poll_s: float = LAUNCHER_POLL_S) -> None:
     """A daemon thread that ends this rank when its launcher (the parent process: mpirun, torchrun,
     srun's step daemon) is gone. A rank blocked on a peer would otherwise linger, orphaned, until

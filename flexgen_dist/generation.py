@@ -127,7 +127,7 @@ class Engine:
                                      sep_layer=policy.sep_layer)
         check_memory(weight_plan(layers, policy, choice.dtype, devices.host_is_compute), devices.compute, "the weights")
         store = open_store(offload_dir, model, choice.dtype, policy, config.rebuild_store)
-        store.ensure([w for layer in layers for w in layer.weights], model.source, progress=ctx.first)
+        store.ensure([w for layer in layers for w in layer.weights], model.source, progress=watched(ctx))
         work_dir = open_work_dir(os.path.join(offload_dir, "work"))
         try:
             executor = LocalExecutor(layers, store, policy, devices, choice.dtype, work_dir)

@@ -152,14 +152,22 @@ class HardwareProfile:
     # ----- measuring ---------------------------------------------------------------------------
     def ensure(self, key: str, measure: Callable[[], float]) -> float:
         if key not in self.rates:
-            if self.on_first_measurement is not None:
-                self.on_first_measurement()
-                self.on_first_measurement = None
+            self.about_to_measure()
             t0 = time.perf_counter()
             self.rates[key] = float(measure())
             self.measured_s += time.perf_counter() - t0
             self._points.clear()
         return self.rates[key]
+
+    def about_to_measure(self) -> None:
+        """Every measurement calls this first: the first one announces itself."""
+        if self.on_first_measurement is not None:
+            self.on_first_measurement()
+            self.on_first_measurement = None
+
+    def __getstate__(self) -> dict:
+        """A profile travels to rank 0 pickled: without its callback (often a lambda, unpicklable)."""
+        return {**self.__dict__, "on_first_measurement": None}
 
     def save(self) -> None:
         if self.path is None:
@@ -282,7 +290,6 @@ def measure_layers(profile: HardwareProfile, device: torch.device, dtype: torch.
     resident weights) packed. Everything a layer does beyond its matmuls (norms, activations,
     reshapes, dispatch) is in these numbers, which is why they are measured on the model's own
     layers rather than summed from matmul rates."""
-    from .block import step_inputs
     layouts = [False, True] if kernels.can_pack(device, dtype) else [False]
     for layer in family.build_layers(spec, 0, 1, with_embed=False, with_head=False, sep_layer=True):
         params = sum(torch.Size(w.shape).numel() for w in layer.weights)
@@ -465,6 +472,7 @@ def measure_disk(profile: HardwareProfile, directory: str) -> None:
     size = min(DISK_PROBE_BYTES, shutil.disk_usage(directory).free // 4) // (4 << 20) * (4 << 20)
     if size < MIN_DISK_PROBE_BYTES:  # an (almost) full disk: nothing to measure, nothing to put there
         return
+    profile.about_to_measure()
     probe_dir = tempfile.mkdtemp(prefix=".disk-probe-", dir=directory)
     try:
         parts = [torch.randint(0, 255, (size // 4,), dtype=torch.uint8) for _ in range(4)]

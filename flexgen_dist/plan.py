@@ -27,7 +27,7 @@ from .errors import FlexGenError
 from .flags import DefaultsHelpFormatter, OneLineErrorParser, add_fields
 from .hardware import Budgets, budgets, dtype_name, load_profile, profile_model
 from .memory import Devices
-from .models import family_of
+from .models import BUILTIN, builtin_spec, family_of, spec_from_dir
 from .generation import DTYPES, prepare_offload_dir
 from .planner import Model, Options, Rank, RunPlan, evaluate_stage, plan, run_plan
 from .policy import Policy, Tier
@@ -56,17 +56,15 @@ BF16_DOMINATES = 1.5
 def this_rank(spec, config: PlannerConfig, offload_dir: str, dtypes, rank: int = 0, announce: bool = False) -> Rank:
     """This process's machine, measured as far as the model needs, and its budgets. With
     `announce`, a line before measuring anything and one when done, on stdout with the plan (stderr
-    carries only warnings and errors): the first run on a machine measures for about a minute,
-    which would otherwise look like a hang."""
+    carries only warnings and errors): the first run of a model on a machine measures for one or
+    two minutes on a small CPU, which would otherwise look like a hang."""
     device = Devices.detect().compute
     profile = load_profile(device, reprofile=config.reprofile)
     if announce:
         profile.on_first_measurement = lambda: print(
-            f"measuring this machine for the planner (once; kept in {os.path.dirname(profile.path)})", flush=True)
-    try:
-        profile_model(profile, device, dtypes, spec, family_of(spec), offload_dir)
-    finally:
-        profile.on_first_measurement = None  # the profile travels to rank 0 pickled, a lambda cannot
+            f"measuring this machine for the planner (kept in {os.path.dirname(profile.path)} for later runs)",
+            flush=True)
+    profile_model(profile, device, dtypes, spec, family_of(spec), offload_dir)
     if announce and profile.measured_s:
         print(f"measured in {profile.measured_s:.0f} s", flush=True)
     cpu_mem = config.rank_mem[rank] if config.rank_mem else config.cpu_mem
@@ -101,25 +99,6 @@ class Decision:
     prefill_chunks: int = 1
 
 
-def plan_job(ctx: DistContext, spec, config: PlannerConfig, offload_dir: str, options: Options,
-             workload: Workload, num_prompts: int) -> tuple[Decision, RunPlan | None]:
-    """Every rank measures itself; rank 0 plans for all and tells each its share."""
-    me = this_rank(spec, config, offload_dir, options.dtypes, ctx.rank)
-    ranks = gather(ctx, me)
-    decision, best = None, None
-    if ctx.first:
-        try:
-            best = plan(Model(spec, family_of(spec)), ranks, workload, num_prompts, options)
-            decision = Decision([s.policy for s in best.stages], best.stage_layers, best.micro_batches,
-                                dtype_name(best.dtype), describe(best, ranks), best.prefill_chunks)
-        except FlexGenError as e:
-            decision = e
-    decision = broadcast(ctx, decision)
-    if isinstance(decision, Exception):
-        raise decision
-    return decision, best
-
-
 def predict(spec, ranks: list[Rank], policies: list[Policy], stage_layers: list[int], micro: int, dtype,
             workload: Workload, num_prompts: int, prefill_chunks: int = 1) -> RunPlan:
     """The cost model's prediction for a given (hand-written) policy and stages."""
@@ -131,12 +110,28 @@ def predict(spec, ranks: list[Rank], policies: list[Policy], stage_layers: list[
     return run_plan(stages, ranks, dtype, micro, workload, num_prompts, spec, prefill_chunks)
 
 
+def model_spec(name_or_path: str):
+    """The shape of a built-in model or of a local Hugging Face directory: all the planner needs."""
+    path = os.path.expanduser(name_or_path)
+    spec = spec_from_dir(path) if os.path.isdir(path) else builtin_spec(name_or_path)
+    if spec is None:
+        raise FlexGenError(f"model {name_or_path} is neither a built-in name ({', '.join(sorted(BUILTIN))}) "
+                           f"nor a model directory")
+    return spec
+
+
+def check_workload(prompt_len: int, gen_len: int, num_prompts: int | None) -> None:
+    """What `run` refuses, the planner refuses too, in the same words."""
+    for flag, value in (("--prompt-len", prompt_len), ("--gen-len", gen_len), ("--num-prompts", num_prompts)):
+        if value is not None and value < 1:
+            raise FlexGenError(f"{flag} must be at least 1, got {value}")
+
+
 def plan_one_rank(model: str, prompt_len: int, gen_len: int, num_prompts: int | None, *, offload_dir: str,
                   dtype: str, gpu_mem, cpu_mem, disk_mem, auto_compress: bool, fixed: dict) -> Policy:
     """`Policy.auto`: the best single-rank policy, with the chosen dtype as `planned_dtype`."""
-    from .weights import resolve_model
-    spec = resolve_model(model, dummy_weights=True).spec if not os.path.isdir(os.path.expanduser(model)) \
-        else resolve_model(os.path.expanduser(model)).spec
+    check_workload(prompt_len, gen_len, num_prompts)
+    spec = model_spec(model)
     config = PlannerConfig(gpu_mem=gpu_mem, cpu_mem=cpu_mem, disk_mem=disk_mem, auto_compress=auto_compress)
     dtypes = dtype_candidates(dtype, Devices.detect().compute, spec.hidden_size)
     rank = this_rank(spec, config, prepare_offload_dir(offload_dir), dtypes)
@@ -333,9 +328,11 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         config = PlannerConfig(**pick(PlannerConfig, args))
-        from .weights import resolve_model
-        spec = resolve_model(args.model, dummy_weights=True).spec
-        if args.ranks < 1 or (config.rank_mem and len(config.rank_mem) != args.ranks):
+        check_workload(args.prompt_len, args.gen_len, args.num_prompts)
+        if args.ranks < 1:
+            raise FlexGenError(f"--ranks must be at least 1, got {args.ranks}")
+        spec = model_spec(args.model)
+        if config.rank_mem and len(config.rank_mem) != args.ranks:
             raise FlexGenError(f"--rank-mem needs one value per rank ({args.ranks})")
         offload_dir = prepare_offload_dir(args.offload_dir)  # a first run's default dir does not exist yet
         device = Devices.detect().compute

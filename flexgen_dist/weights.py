@@ -247,7 +247,7 @@ class TensorStore:
         entry = self.tensors[name]
         return sum(entry["packed"]["nbytes"]) if "packed" in entry else entry["nbytes"]
 
-    def ensure(self, specs: list[WeightSpec], source, progress: bool = True) -> None:
+    def ensure(self, specs: list[WeightSpec], source, progress: bool = False) -> None:
         """Make every tensor in `specs` available, converting what is missing, and hold the store
         version it lives in for reading until `close` (or process exit).
 
@@ -316,7 +316,7 @@ class TensorStore:
         self._check_free_space(missing)
         try:
             for s in tqdm(missing, desc=f"converting weights into {self.root}", unit="tensor",
-                          disable=None if progress else True):
+                          disable=not progress):
                 self.tensors[s.name] = self._convert(s, source.get(s.name, s.shape, self.dtype))
         except OSError as e:
             if e.errno != errno.ENOSPC:

@@ -1,4 +1,5 @@
 """Pipeline parallelism under mpirun (gloo on CPU): every rank count gives the single-rank tokens."""
+import io
 import json
 import os
 import pty
@@ -238,15 +239,27 @@ def _drain(fd: int, into: list) -> None:
         into.append(chunk)
 
 
+def test_only_rank0_shows_progress_and_only_when_watched(monkeypatch):
+    from flexgen_dist import generation
+    from flexgen_dist.dist import DistContext
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, even under `pytest -s`
+    monkeypatch.setattr(generation, "launcher_stderr_is_terminal", lambda: True)
+    assert generation.watched(DistContext(rank=0, world_size=2, mpi=object()))
+    assert not generation.watched(DistContext(rank=1, world_size=2, mpi=object()))
+    assert not generation.watched(DistContext())  # not under MPI: the process's own stderr decides
+    monkeypatch.setattr(generation, "launcher_stderr_is_terminal", lambda: False)
+    assert not generation.watched(DistContext(rank=0, world_size=2, mpi=object()))
+
+
 @needs_mpi
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(660)
 def test_a_pipeline_started_from_a_terminal_shows_rank0s_progress_bar(tmp_path):
     """mpirun passes a rank's stderr on through a pipe (and gives its stdout a terminal of its own,
     whatever mpirun's is): the bar must follow mpirun's stderr, or no pipeline run ever shows one."""
     make_checkpoint(tmp_path / "ckpt", post_ln=False, layers=LAYERS)
     args = ["-m", "flexgen_dist.run", "--model", tmp_path / "ckpt", "--gen-len", 4, "--gpu-batch-size", 2,
             "--percent", 100, 0, 100, 0, 100, 0, "--dtype", "float32", "--offload-dir", tmp_path / "off"]
-    cmd = [MPIRUN, "-n", "2", "--oversubscribe", "--timeout", "200", sys.executable, *map(str, args)]
+    cmd = [MPIRUN, "-n", "2", "--oversubscribe", "--timeout", "250", sys.executable, *map(str, args)]
 
     def run(stderr_is_terminal: bool) -> str:
         terminal, rank_side = pty.openpty() if stderr_is_terminal else (None, subprocess.PIPE)
@@ -255,9 +268,13 @@ def test_a_pipeline_started_from_a_terminal_shows_rank0s_progress_bar(tmp_path):
         shown: list[bytes] = []
         if stderr_is_terminal:
             os.close(rank_side)
-            reader = threading.Thread(target=_drain, args=(terminal, shown))
+            reader = threading.Thread(target=_drain, args=(terminal, shown), daemon=True)
             reader.start()
-        _, err = p.communicate(timeout=250)
+        try:
+            _, err = p.communicate(timeout=280)
+        finally:
+            p.kill()
+            p.wait()
         if stderr_is_terminal:
             reader.join(timeout=30)
             os.close(terminal)
@@ -267,4 +284,3 @@ def test_a_pipeline_started_from_a_terminal_shows_rank0s_progress_bar(tmp_path):
 
     assert "requests: 100%" in run(stderr_is_terminal=True)
     assert "requests:" not in run(stderr_is_terminal=False)  # stderr to a file or pipe gets no bar
-
