@@ -172,6 +172,19 @@ def stage_summary(engine: Engine, load_s: float) -> dict:
 
 def finish(args, engine: Engine, stages: list[dict], prediction: dict) -> None:
     """Rank 0: the report and the metrics line."""
+    info = engine.last_batch
+    if info.requests and info.skipped == info.requests:  # a rerun of a finished job: zeros say nothing
+        print(f"nothing to generate: all {info.requests} requests are in {args.output} already "
+              "(delete it, or give another --output, to generate them again)")
+    else:
+        print_report(engine, stages, prediction)
+    print(f"output: {os.path.abspath(args.output) if args.output else 'none (no --output)'}")
+    if args.log_file:
+        append_line(args.log_file, json.dumps(log_entry(args, engine, stages, prediction)))
+
+
+def print_report(engine: Engine, stages: list[dict], prediction: dict) -> None:
+    """Throughput, the prediction next to it, the kernels, the batching and each rank's times."""
     stats, info = engine.last_stats, engine.last_batch
     print(report(stats))
     for line in prediction.get("lines", []):
@@ -190,16 +203,18 @@ def finish(args, engine: Engine, stages: list[dict], prediction: dict) -> None:
         print(f"rank {st['rank']}: layers {st['layers'][0]}-{st['layers'][1] - 1}  load {st['load_s']:.2f} s  "
               f"compute {st['compute_s']:.2f} s  waiting for input {st['comm_wait_s']:.2f} s "
               f"({st['comm_wait_s'] / max(wall, 1e-9):.0%})  peak GiB: {peaks}, RSS {st['peak_rss_bytes'] / GiB:.3f}")
-    print(f"output: {os.path.abspath(args.output) if args.output else 'none (no --output)'}")
-    if args.log_file:
-        width = info.max_prompt_len or args.prompt_len
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": args.model, "ranks": len(stages),
-                 **engine.kernels, "policy": engine.policy.describe(), "micro_batches": engine.micro_batches,
-                 "prefill_chunks": engine.prefill_chunks, "gen_len": args.max_new_tokens,
-                 "prompt_len": width, **stats.as_dict(), "batch": vars(info), "output": args.output,
-                 "stages": stages, "plan": {k: v for k, v in prediction.items() if k != "lines"},
-                 "predicted_bytes": {t.value: n for t, n in predicted_bytes(engine, width, args.max_new_tokens).items()}}
-        append_line(args.log_file, json.dumps(entry))
+
+
+def log_entry(args, engine: Engine, stages: list[dict], prediction: dict) -> dict:
+    """The --log-file line: what ran, how fast, and what was predicted."""
+    stats, info = engine.last_stats, engine.last_batch
+    width = info.max_prompt_len or args.prompt_len
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": args.model, "ranks": len(stages),
+            **engine.kernels, "policy": engine.policy.describe(), "micro_batches": engine.micro_batches,
+            "prefill_chunks": engine.prefill_chunks, "gen_len": args.max_new_tokens,
+            "prompt_len": width, **stats.as_dict(), "batch": vars(info), "output": args.output,
+            "stages": stages, "plan": {k: v for k, v in prediction.items() if k != "lines"},
+            "predicted_bytes": {t.value: n for t, n in predicted_bytes(engine, width, args.max_new_tokens).items()}}
 
 
 def predicted_bytes(engine: Engine, prompt_len: int, max_new_tokens: int) -> dict:

@@ -181,7 +181,7 @@ def assert_same_as_reference(out: Path, reference: bytes):
     assert not Path(str(out) + ".partial").exists()
 
 
-def test_kill9_single_rank_at_every_point_then_resume(crash_job, tmp_path):
+def test_kill9_single_rank_at_every_point_then_resume(crash_job, tmp_path, capsys):
     ckpt, prompts, reference = crash_job
     out, args = tmp_path / "out.jsonl", job_args(ckpt, prompts, tmp_path / "out.jsonl", tmp_path / "off")
     progress = []
@@ -193,7 +193,10 @@ def test_kill9_single_rank_at_every_point_then_resume(crash_job, tmp_path):
     assert not Path(str(out) + ".partial").read_bytes().endswith(b"\n")  # torn by the last kill
     assert main(args) == 0
     assert_same_as_reference(out, reference)
+    capsys.readouterr()
     assert main(args) == 0 and out.read_bytes() == reference  # a finished job: nothing to run
+    said = capsys.readouterr().out
+    assert "nothing to generate: all 8 requests are in" in said and "throughput" not in said, said
     other = args[:args.index("--gen-len") + 1] + ["5"] + args[args.index("--gen-len") + 2:]
     assert main(other) == 2  # another job's output is refused
 
