@@ -121,7 +121,8 @@ def model_spec(name_or_path: str):
 
 
 def check_workload(prompt_len: int, gen_len: int, num_prompts: int | None) -> None:
-    """What `run` refuses, the planner refuses too, in the same words."""
+    """What `run` refuses, the planner refuses too, one line each (run words --gen-len's through
+    GenerationConfig.validate and checks --prompt-len only for synthetic prompts)."""
     for flag, value in (("--prompt-len", prompt_len), ("--gen-len", gen_len), ("--num-prompts", num_prompts)):
         if value is not None and value < 1:
             raise FlexGenError(f"{flag} must be at least 1, got {value}")
