@@ -25,8 +25,9 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from flexgen_dist import Engine, Policy, int4
-from flexgen_dist.compression import CompressionConfig
+from flexgen_dist import Engine, Policy
+from flexgen_dist.kernels import int4
+from flexgen_dist.core.compression import CompressionConfig
 
 VARIANTS = {
     "fp32": dict(dtype="float32"),

@@ -17,7 +17,7 @@ import tempfile
 import time
 
 from flexgen_dist import Engine, Policy
-from flexgen_dist.outputs import JobOutput
+from flexgen_dist.formats.outputs import JobOutput
 
 
 def prompts(count: int, low: int, high: int, seed: int = 0) -> list[list[int]]:

@@ -19,9 +19,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from flexgen_dist.int4 import dequantize_int4, quantize_int4
-from flexgen_dist import probe
-from flexgen_dist.kernels import int4_for_device, linear
+from flexgen_dist.kernels.int4 import dequantize_int4, quantize_int4
+from flexgen_dist.kernels import int4, probe
+from flexgen_dist.kernels.linear import int4_for_device, linear
 
 SHAPES = {"opt-1.3b": [(2048, 2048), (8192, 2048), (2048, 8192)],
           "opt-6.7b": [(4096, 4096), (16384, 4096), (4096, 16384)],

@@ -39,8 +39,8 @@ def write_checkpoint(model: str, path: str, seed: int = 0, shard_bytes: int = 1 
     from safetensors.torch import save_file
 
     from flexgen_dist.models import builtin_spec, family_of
-    from flexgen_dist.models.llama_config import to_hf_config
-    from flexgen_dist.weights import DummySource
+    from flexgen_dist.models.llama.config import to_hf_config
+    from flexgen_dist.models.checkpoint import DummySource
     spec = builtin_spec(model)
     if spec is None or spec.family != "llama":
         raise SystemExit(f"error: {model!r} is not a built-in Llama-family model")
@@ -96,7 +96,7 @@ def cmd_run(args) -> None:
 
 def cmd_gqa(args) -> None:
     from flexgen_dist.models import builtin_spec
-    from flexgen_dist.models.attention import attend
+    from flexgen_dist.kernels.attention import attend
     spec = builtin_spec(args.model)
     b, heads, kv, d, t = args.batch, spec.num_heads, spec.kv_heads, spec.head_dim, args.context
     dtype = torch.bfloat16

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from flexgen_dist.memory import peak_rss_bytes
+from flexgen_dist.system.limits import peak_rss_bytes
 
 SYSTEMS = ("flexgen", "transformers", "accelerate")
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from flexgen_dist.memory import aligned_empty
+from flexgen_dist.system.io import aligned_empty
 
 
 def best_of(fn, repeat: int = 5) -> float:

@@ -23,7 +23,14 @@ CORPUS = ("the quick brown fox jumps over the lazy dog. a stitch in time saves n
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -124,7 +131,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 def _force_int4(monkeypatch, on: bool | str):
     """FLEXGEN_INT4 set to 1 (on: the model's own feed), 0 (off) or the string `on` (e.g. bf16)."""
-    from flexgen_dist import probe
+    from flexgen_dist.kernels import probe
     value = on if isinstance(on, str) else "1" if on else "0"
     monkeypatch.setenv(probe.INT4_ENV, value)  # also seen by ranks mpirun starts
     probe.int4_choice.cache_clear()
@@ -137,7 +144,7 @@ def int4_mode(request, monkeypatch):
     packed codes (forced on where the kernel works) or dequantized first (forced off)."""
     clear = _force_int4(monkeypatch, request.param == "packed")
     if request.param == "packed":
-        from flexgen_dist import probe
+        from flexgen_dist.kernels import probe
         device = "cuda" if torch.cuda.is_available() else "cpu"  # where the engine computes
         choice = probe.int4_choice(device, torch.float32)  # these tests compute in float32
         if not choice.use:  # tinygemm takes bf16 activations only: the engine dequantizes there
@@ -158,7 +165,7 @@ def packed_int4(monkeypatch):
 def count_int4_products(monkeypatch) -> list:
     """A list that gets the rows of every product the model math computes with a packed int4
     weight from here on (the probe's own trial products are not counted)."""
-    from flexgen_dist import kernels
+    from flexgen_dist.kernels import linear as kernels
     calls, original = [], kernels.int4_linear
     monkeypatch.setattr(kernels, "int4_linear", lambda x, w, b=None: calls.append(x.numel() // w.shape[1])
                         or original(x, w, b))

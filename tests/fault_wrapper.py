@@ -9,11 +9,12 @@ import os
 import signal
 import sys
 
-from flexgen_dist import FlexGenError, dist
-from flexgen_dist.executor import LocalExecutor
-from flexgen_dist.outputs import JobOutput
+from flexgen_dist import FlexGenError
+from flexgen_dist.dist.context import detect
+from flexgen_dist.formats.outputs import JobOutput
 from flexgen_dist.run import main
-from flexgen_dist.workdir import exit_cleanly_on_signals
+from flexgen_dist.runtime.executor import LocalExecutor
+from flexgen_dist.system.workdir import exit_cleanly_on_signals
 
 
 def profiling() -> bool:
@@ -53,7 +54,7 @@ def inject(rank: int, call: int, kind: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     original_write, writes = JobOutput._write, [0]
-    if dist.detect().rank == rank:
+    if detect().rank == rank:
         if kind == "writekill":
             JobOutput._write = write_half_and_die
         elif kind == "loadkill":

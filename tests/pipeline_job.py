@@ -6,13 +6,15 @@ Rank 0 writes the token ids of each run to the job's `output` file."""
 import json
 import sys
 
-from flexgen_dist import Engine, Policy, dist
+from flexgen_dist import Engine, Policy
+from flexgen_dist.dist.context import detect
+from flexgen_dist.dist.group import init, shutdown
 
 
 def main(path: str) -> None:
     with open(path) as f:
         job = json.load(f)
-    ctx = dist.init(dist.detect(), "cpu", 60)
+    ctx = init(detect(), "cpu", 60)
     results = []
     for i, run in enumerate(job["runs"]):
         policy = Policy.from_percent(run["percent"], **run.get("policy", {}))
@@ -27,7 +29,7 @@ def main(path: str) -> None:
     if ctx.first:
         with open(job["output"], "w") as f:
             json.dump(results, f)
-    dist.shutdown(ctx)
+    shutdown(ctx)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import make_checkpoint
 from flexgen_dist import Engine, FlexGenError, Policy
-from flexgen_dist.batch import Item, padding_share, plan
-from flexgen_dist.outputs import JobOutput
-from flexgen_dist.requests import Request, parse_line
+from flexgen_dist.core.config import RowParams
+from flexgen_dist.engine.batch import padding_share, plan
+from flexgen_dist.formats.outputs import JobOutput
+from flexgen_dist.formats.requests import Request, parse_line
 from flexgen_dist.run import main
-from flexgen_dist.sampling import RowParams
 from test_pipeline import MPIRUN, mpirun
 
 HERE = Path(__file__).resolve().parent
@@ -27,13 +26,13 @@ def openai_line(cid, url, body):
 
 
 def item(index, length, max_tokens):
-    return Item(Request(index, None), [5] * length, RowParams(max_tokens=max_tokens, key=index))
+    return Request(index, None, ids=[5] * length, row=RowParams(max_tokens=max_tokens, key=index))
 
 
 def test_bucketing_cuts_padding_and_keeps_every_request():
     items = [item(i, n, m) for i, (n, m) in enumerate([(30, 4), (3, 4), (28, 8), (2, 8), (31, 4), (4, 4)])]
     blocks = plan(items, 2, bucket=True)
-    assert sorted(it.request.index for b in blocks for it in b) == list(range(6))
+    assert sorted(it.index for b in blocks for it in b) == list(range(6))
     assert [[len(it.ids) for it in b] for b in blocks] == [[2, 3], [4, 28], [30, 31]]
     assert padding_share(blocks) < padding_share(plan(items, 2, bucket=False))
 

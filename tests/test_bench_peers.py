@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import make_checkpoint
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmark")
@@ -186,10 +185,9 @@ def test_dummy_checkpoint_is_one_every_system_reads_alike(tmp_path):
     """The checkpoint the peers share: a valid transformers OPT (tied head, initialised like
     transformers does), on which this project's greedy tokens equal transformers' own."""
     import torch
-    from transformers import OPTForCausalLM
-
     from conftest import reference_generate
     from flexgen_dist import Engine
+    from transformers import OPTForCausalLM
     path = bench_peers.write_dummy_checkpoint("opt-125m", str(tmp_path / "c"), dtype="float32")
     shard = os.path.join(path, "model-00000.safetensors")
     stamp = os.stat(shard).st_mtime_ns

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-
 from conftest import PROMPTS, make_checkpoint, run_cli
 from flexgen_dist import Engine, Policy
 from flexgen_dist.run import main

@@ -4,12 +4,13 @@ import re
 
 import pytest
 import torch
-
 from conftest import PROMPTS, count_int4_products
-from flexgen_dist import Engine, Policy, kernels
-from flexgen_dist.compression import CompressionConfig, fake_quantize
-from flexgen_dist.int4 import fake_quantize_weight
-from flexgen_dist.kvcache import KVCache
+from flexgen_dist import Engine, Policy
+from flexgen_dist.core.compression import CompressionConfig
+from flexgen_dist.kernels import linear as kernels
+from flexgen_dist.kernels.int4 import fake_quantize_weight
+from flexgen_dist.kernels.quantize import fake_quantize
+from flexgen_dist.storage.kvcache import KVCache
 from test_equivalence import PLACEMENTS
 
 NEW_TOKENS = 10

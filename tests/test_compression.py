@@ -1,9 +1,13 @@
 """Group-wise quantization: error bounds, exact corner cases, a stable packed layout."""
 import pytest
 import torch
-
-from flexgen_dist.compression import (CompressionConfig, compressed_nbytes, dequantize, fake_quantize,
-                                      quantize)
+from flexgen_dist.core.compression import CompressionConfig
+from flexgen_dist.kernels.quantize import (
+    compressed_nbytes,
+    dequantize,
+    fake_quantize,
+    quantize,
+)
 
 
 def group_steps(x, config):

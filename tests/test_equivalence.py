@@ -1,7 +1,6 @@
 """Greedy output equals transformers' float32 generate, token for token, for every placement."""
 import pytest
 import torch
-
 from conftest import PROMPTS, reference_generate
 from flexgen_dist import Engine, Policy
 

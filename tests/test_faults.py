@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import PROMPTS, make_checkpoint, run_cli
 from flexgen_dist import Engine, FlexGenError
-from flexgen_dist.weights import TensorStore
-from flexgen_dist.workdir import sweep
+from flexgen_dist.storage.store import TensorStore
+from flexgen_dist.system.workdir import sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -155,7 +154,7 @@ def test_a_signal_during_decode_removes_every_temporary_file(ckpt, tmp_path, sig
 
 CHILD_WITH_A_WORK_DIR = """
 import sys, time
-from flexgen_dist.workdir import exit_cleanly_on_signals, open_work_dir
+from flexgen_dist.system.workdir import exit_cleanly_on_signals, open_work_dir
 exit_cleanly_on_signals()
 print(open_work_dir(sys.argv[1]), flush=True)
 time.sleep(60)
@@ -188,7 +187,7 @@ def test_a_signal_after_the_launcher_died_still_ends_the_process(tmp_path):
 
 SIGNAL_DURING_CLEANUP = """
 import os, signal, sys, time
-from flexgen_dist import workdir
+from flexgen_dist.system import workdir
 workdir.exit_cleanly_on_signals()
 work_dir = workdir.open_work_dir(sys.argv[1])
 remove_all, calls = workdir.remove_all, []
@@ -299,7 +298,7 @@ def test_weights_that_exceed_a_memory_limit_are_refused_not_oom_killed(tmp_path)
     ('{"prompt": "a\u2028b"}\n'.encode() + json.dumps({"prompt": "c\x0cd\x1ee"}).encode() + b"\r\n", None),
 ])
 def test_prompt_files_split_on_newlines_only(tmp_path, content, message, capsys):
-    from flexgen_dist.prompts import read_prompts
+    from flexgen_dist.formats.prompts import read_prompts
     path = tmp_path / "p.jsonl"
     path.write_bytes(content)
     if message:
@@ -310,7 +309,7 @@ def test_prompt_files_split_on_newlines_only(tmp_path, content, message, capsys)
 
 
 def test_text_prompts_keep_form_feeds_and_separators(tmp_path):
-    from flexgen_dist.prompts import read_prompts
+    from flexgen_dist.formats.prompts import read_prompts
     path = tmp_path / "p.txt"
     path.write_text("one\x0cstill one\u2028still one\nTwo\n", encoding="utf-8")
     assert [p.text for p in read_prompts(str(path))] == ["one\x0cstill one\u2028still one", "Two"]

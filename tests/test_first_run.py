@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import PROMPTS, make_checkpoint, reference_generate, run_cli
 from flexgen_dist import Engine, EngineConfig, GenerationConfig, Policy
-from flexgen_dist.config import JobConfig, field_docs
-from flexgen_dist.run import POLICY_PERCENTS, build_parser, main, parse_args, policy_from_args
-from flexgen_dist.weights import resolve_model
+from flexgen_dist.cli.run import build_parser, main, parse_args, policy_from_args
+from flexgen_dist.core.config import JobConfig, field_docs
+from flexgen_dist.core.policy import PERCENT_FIELDS
+from flexgen_dist.models.checkpoint import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 NEW = 8
@@ -162,7 +162,7 @@ def test_help_shows_every_field_with_its_meaning_and_default(capsys):
     assert done.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     fields = [(cls, f) for cls in (JobConfig, EngineConfig, Policy, GenerationConfig)
-              for f in dataclasses.fields(cls) if f.name not in POLICY_PERCENTS
+              for f in dataclasses.fields(cls) if f.name not in PERCENT_FIELDS
               and (cls, f.name) != (GenerationConfig, "seed")]  # one --seed, documented by EngineConfig
     for cls, f in fields:
         flag = "--gen-len" if f.name == "max_new_tokens" else f"--{f.name.replace('_', '-')}"

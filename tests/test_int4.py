@@ -3,13 +3,20 @@ dispatch between the kernel (few rows) and dequantize + dense (many rows)."""
 import pytest
 import torch
 import torch.nn.functional as F
-
-from flexgen_dist import int4, kernels, probe
-from flexgen_dist.compression import CompressionConfig
-from flexgen_dist.int4 import Int4Weight, _to_layout, dequantize_int4, padded_rows, quantize_int4, weight_parts
-from flexgen_dist.memory import padded
+from flexgen_dist.core.compression import CompressionConfig
+from flexgen_dist.kernels import int4, probe
+from flexgen_dist.kernels import linear as kernels
+from flexgen_dist.kernels.int4 import (
+    Int4Weight,
+    _to_layout,
+    dequantize_int4,
+    padded_rows,
+    quantize_int4,
+    weight_parts,
+)
 from flexgen_dist.models.base import WeightSpec
-from flexgen_dist.weights import TensorStore
+from flexgen_dist.storage.store import TensorStore
+from flexgen_dist.system.io import padded
 
 HAS_CPU_KERNEL = hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
@@ -21,7 +28,7 @@ def test_layout_is_the_one_the_cpu_conversion_op_writes(rows):
     one of ours, and converting the store's layout to it gives what the op writes."""
     codes = torch.randint(0, 16, (rows, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
     expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 2)
-    block = probe.int4_cpu_block()
+    block = int4.int4_cpu_block()
     assert block in int4.BLOCKS
     assert torch.equal(_to_layout(codes, block), expected)
     stored = Int4Weight(_to_layout(codes), torch.zeros(4, rows, 2), (rows, 256), 64)
@@ -82,10 +89,10 @@ def test_a_large_weight_quantized_in_parts_is_the_weight_quantized_whole(monkeyp
 @pytest.mark.parametrize("rows", [1, kernels.INT4_MAX_ROWS, kernels.INT4_MAX_ROWS + 1])
 def test_few_rows_use_the_kernel_and_many_dequantize(rows, monkeypatch):
     g = torch.Generator().manual_seed(2)
-    w = int4.with_scales_in(probe.int4_to_cpu_form(quantize_int4(torch.randn(96, 128, generator=g), 64)), torch.float32)
+    w = int4.with_scales_in(int4.int4_to_cpu_form(quantize_int4(torch.randn(96, 128, generator=g), 64)), torch.float32)
     b = torch.randn(96, generator=g)
     x = torch.randn(1, rows, 128, generator=g)
-    calls, original = [], probe.int4_mm
+    calls, original = [], int4.int4_mm
     monkeypatch.setattr(probe, "int4_mm", lambda x, w: calls.append(x.shape) or original(x, w))
     y = kernels.linear(x, w, b)
     assert y.shape == (1, rows, 96)
@@ -183,8 +190,9 @@ def test_each_cpu_kinds_int4_layout_has_a_store_directory_of_its_own(tmp_path, m
     """Hosts of two CPU kinds sharing an offload dir each keep their own 4-bit store (each converts
     once, as each compression setting does); an uncompressed store does not depend on the layout."""
     from types import SimpleNamespace
+
     from flexgen_dist import Policy
-    from flexgen_dist.generation import open_store
+    from flexgen_dist.storage.store import open_store
     model = SimpleNamespace(store_key="m", source=SimpleNamespace(fingerprint="test:dirs"))
 
     def root(block: int, compress: bool) -> str:
@@ -215,7 +223,7 @@ def test_bf16_packed_run_matches_the_dequantized_run(opt_checkpoint, tmp_path, m
     tolerance = 0.05
     calls = count_int4_products(monkeypatch)
     fed = []
-    original_mm = probe.int4_mm
+    original_mm = int4.int4_mm
     monkeypatch.setattr(probe, "int4_mm", lambda x, w: fed.append(w.scales_zeros.dtype) or original_mm(x, w))
 
     def run(packed: bool, force=None):

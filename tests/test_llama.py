@@ -8,13 +8,10 @@ import re
 import pytest
 import torch
 from conftest import PROMPTS, run_cli
-from llama_checkpoints import EOS, VARIANTS, make_llama_checkpoint, reference_generate
-from test_equivalence import PLACEMENTS
-from test_pipeline import MPIRUN, run_pipeline_job
-
 from flexgen_dist import Engine, Policy
-from flexgen_dist.int4 import fake_quantize_weight
-from flexgen_dist.errors import FlexGenError
+from flexgen_dist.core.errors import FlexGenError
+from flexgen_dist.core.types import Tier
+from flexgen_dist.kernels.int4 import fake_quantize_weight
 from flexgen_dist.models import (
     builtin_spec,
     family_of,
@@ -23,9 +20,11 @@ from flexgen_dist.models import (
     weight_bytes,
 )
 from flexgen_dist.models.base import stage_costs
-from flexgen_dist.pipeline import partition_stages
-from flexgen_dist.policy import Tier
-from flexgen_dist.weights import DummySource
+from flexgen_dist.models.checkpoint import DummySource
+from flexgen_dist.runtime.stages import partition_stages
+from llama_checkpoints import EOS, VARIANTS, make_llama_checkpoint, reference_generate
+from test_equivalence import PLACEMENTS
+from test_pipeline import MPIRUN, run_pipeline_job
 
 NEW_TOKENS = 8
 # every placement for Llama; a cross-section of tiers, overlap and merged layers for the others
@@ -143,7 +142,7 @@ def test_gqa_cache_takes_kv_heads_over_heads_of_mha_bytes_on_every_tier(tmp_path
 
 def test_decode_attention_does_not_repeat_keys_or_values(monkeypatch):
     """Grouped decode attention equals attention over repeated K/V, without ever building them."""
-    from flexgen_dist.models import attention
+    from flexgen_dist.kernels import attention
     b, kv, group, t, d = 3, 2, 4, 9, 16
     q, k, v = torch.randn(b, kv * group, 1, d), torch.randn(b, kv, t, d), torch.randn(b, kv, t, d)
     bias = torch.zeros(b, 1, 1, t)
@@ -189,7 +188,7 @@ def test_builtin_specs_round_trip_through_hf_configs():
     """Every built-in Llama-family shape, written as a config.json, reads back as the same spec
     (what lets benchmarks hand transformers the very model the engine runs)."""
     from flexgen_dist.models import BUILTIN
-    from flexgen_dist.models.llama_config import spec_from_config, to_hf_config
+    from flexgen_dist.models.llama.config import spec_from_config, to_hf_config
     llamas = [s for s in BUILTIN.values() if s.family == "llama"]
     assert {"llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "qwen2.5-7b", "qwen2.5-72b", "mistral-7b",
             "smollm2-135m"} <= {s.name for s in llamas}

@@ -14,11 +14,10 @@ import uuid
 
 import pytest
 import torch
-
 from conftest import PROMPTS, make_checkpoint, reference_generate
 from flexgen_dist import Engine, Policy
-from flexgen_dist.pipeline import check_stage_layers, partition_stages
-from flexgen_dist.workdir import sweep
+from flexgen_dist.runtime.stages import check_stage_layers, partition_stages
+from flexgen_dist.system.workdir import sweep
 
 MPIRUN = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
 needs_mpi = pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed")
@@ -189,7 +188,7 @@ def test_sigterm_to_mpirun_ends_every_rank_and_leaves_no_files(six_layers, tmp_p
 
 
 def test_prefill_pieces_cover_the_prompt_in_order():
-    from flexgen_dist.block import pieces
+    from flexgen_dist.runtime.block import pieces
     assert pieces(10, 1) == [(0, 10)]
     assert pieces(10, 3) == [(0, 3), (3, 6), (6, 10)]
     assert pieces(3, 8) == [(0, 1), (1, 2), (2, 3)]  # never an empty piece
@@ -203,14 +202,15 @@ def test_prefill_chunks_must_be_positive(six_layers, tmp_path):
 
 WATCH_IDLE = """
 import sys, threading, time
-from flexgen_dist import dist
-ctx = dist.detect()
-dist.watch_for_failures(ctx)
+from flexgen_dist.dist.context import detect
+from flexgen_dist.dist.failures import stop_watching, watch_for_failures
+ctx = detect()
+watch_for_failures(ctx)
 if ctx.first:
     t0, cpu0 = time.monotonic(), time.process_time()
     time.sleep(2.0)
     print(f"busy {(time.process_time() - cpu0) / (time.monotonic() - t0):.3f}")
-    dist.stop_watching(ctx)
+    stop_watching(ctx)
 ctx.mpi.Barrier()
 """
 
@@ -240,8 +240,8 @@ def _drain(fd: int, into: list) -> None:
 
 
 def test_only_rank0_shows_progress_and_only_when_watched(monkeypatch):
-    from flexgen_dist import generation
-    from flexgen_dist.dist import DistContext
+    from flexgen_dist.dist.context import DistContext
+    from flexgen_dist.engine import engine as generation
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, even under `pytest -s`
     monkeypatch.setattr(generation, "launcher_stderr_is_terminal", lambda: True)
     assert generation.watched(DistContext(rank=0, world_size=2, mpi=object()))

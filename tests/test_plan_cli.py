@@ -11,10 +11,12 @@ import sys
 
 import pytest
 import torch
-
 from conftest import PROMPTS, make_checkpoint, run_cli
-from flexgen_dist import Engine, Policy, hardware
+from flexgen_dist import Engine, auto_policy
 from flexgen_dist.models import family_of, spec_from_dir
+from flexgen_dist.planning import measure
+from flexgen_dist.planning import profile as hardware
+from flexgen_dist.system import limits
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +36,11 @@ def test_profile_is_measured_once_and_cached_per_machine(ckpt, tmp_path):
     spec = spec_from_dir(ckpt)
     device, cache = torch.device("cpu"), tmp_path / "cache"
     profile = hardware.load_profile(device, cache_dir=str(cache))
-    hardware.profile_model(profile, device, (torch.float32,), spec, family_of(spec), str(tmp_path))
+    measure.profile_model(profile, device, (torch.float32,), spec, family_of(spec), str(tmp_path))
     assert profile.measured_s > 0 and any(k.startswith("layer float32") for k in profile.rates)
     assert any(k.startswith("disk read") for k in profile.rates) and "executor job float32 opt" in profile.rates
     again = hardware.load_profile(device, cache_dir=str(cache))
-    hardware.profile_model(again, device, (torch.float32,), spec, family_of(spec), str(tmp_path))
+    measure.profile_model(again, device, (torch.float32,), spec, family_of(spec), str(tmp_path))
     assert again.rates == profile.rates and again.measured_s == 0  # nothing measured twice
     assert hardware.load_profile(device, cache_dir=str(cache), reprofile=True).rates == {}
     # a damaged or foreign file is measured afresh, not trusted
@@ -80,10 +82,10 @@ def test_the_first_measurement_announces_itself_and_the_profile_still_pickles(tm
     profile = hardware.HardwareProfile({"cpu": "test"}, path=None)
     profile.on_first_measurement = lambda: said.append("measuring")
     blob = pickle.dumps(profile)  # nothing measured yet: the callback is still set
-    hardware.measure_disk(profile, str(tmp_path))
+    measure.measure_disk(profile, str(tmp_path))
     assert said == ["measuring"] and any(k.startswith("disk read") for k in profile.rates)
     profile.on_first_measurement = lambda: said.append("again")
-    hardware.measure_disk(profile, str(tmp_path))  # measured already: nothing to announce
+    measure.measure_disk(profile, str(tmp_path))  # measured already: nothing to announce
     assert said == ["measuring"]
     again = pickle.loads(pickle.dumps(profile))
     assert again.rates == profile.rates and again.on_first_measurement is None
@@ -155,7 +157,7 @@ def test_cpu_mem_holds_the_engine_to_it(ckpt, tmp_path):
 
 
 def test_policy_auto_in_python(ckpt, tmp_path):
-    policy = Policy.auto(ckpt, prompt_len=8, gen_len=4, num_prompts=8, offload_dir=str(tmp_path), dtype="float32")
+    policy = auto_policy(ckpt, prompt_len=8, gen_len=4, num_prompts=8, offload_dir=str(tmp_path), dtype="float32")
     assert policy.tier_percents("w") == (100, 0, 0) and policy.block_size <= 8 and policy.planned_dtype == "float32"
     with Engine.from_pretrained(ckpt, policy=policy, offload_dir=tmp_path, dtype=policy.planned_dtype) as engine:
         ids = engine.generate(PROMPTS, max_new_tokens=3, new_tokens_only=True)
@@ -167,10 +169,11 @@ def test_budgets_leave_the_code_its_pages_once(source, monkeypatch, tmp_path):
     """The program's resident file pages are taken off a budget that does not count them already
     (free RAM counts them as reclaimable); a cgroup's usage already holds them: only the room the
     run's code grows into is kept back there."""
-    from flexgen_dist.budget import GiB, MARGIN
+    from flexgen_dist.core.types import GiB
+    from flexgen_dist.runtime.budget import MARGIN
     monkeypatch.setattr(hardware, "host_available", lambda: (8 * GiB, source))
     got = hardware.budgets(torch.device("cpu"), str(tmp_path)).host
-    resident = hardware.code_reserve() - hardware.CODE_RESERVE
+    resident = limits.code_reserve() - limits.CODE_RESERVE
     assert resident > 0
-    kept = hardware.CODE_RESERVE + (resident if source == "available RAM" else 0)
+    kept = limits.CODE_RESERVE + (resident if source == "available RAM" else 0)
     assert got == pytest.approx((8 * GiB - kept) / MARGIN, rel=1e-3)

@@ -5,14 +5,34 @@ import dataclasses
 
 import pytest
 import torch
-
-from flexgen_dist.budget import GiB
-from flexgen_dist.costmodel import (Machine, Placement, Step, Workload, layer_cost, pipeline_time, prefill_piece_time,
-                                    stored_bytes)
-from flexgen_dist.hardware import Budgets, HardwareProfile, disk_key, overhead_key
+from flexgen_dist.core.policy import Policy
+from flexgen_dist.core.types import GiB
 from flexgen_dist.models import builtin_spec, family_of
-from flexgen_dist.planner import Infeasible, Model, Options, Rank, exact_memory, plan, shortfall
-from flexgen_dist.policy import Policy
+from flexgen_dist.planning.costmodel import (
+    Machine,
+    Placement,
+    Step,
+    Workload,
+    layer_cost,
+    pipeline_time,
+    prefill_piece_time,
+    stored_bytes,
+)
+from flexgen_dist.planning.optimizer import (
+    Infeasible,
+    Model,
+    Options,
+    Rank,
+    exact_memory,
+    plan,
+    shortfall,
+)
+from flexgen_dist.planning.profile import (
+    Budgets,
+    HardwareProfile,
+    disk_key,
+    overhead_key,
+)
 
 BF16 = torch.bfloat16
 WORK = Workload(prompt_len=256, gen_len=32)

@@ -1,7 +1,12 @@
 """Placement rules as plain data: no model runs here."""
 import pytest
-
-from flexgen_dist.policy import Policy, PolicyError, Tier, assign_weight_tiers, split_rows
+from flexgen_dist.core.policy import (
+    Policy,
+    PolicyError,
+    assign_weight_tiers,
+    split_rows,
+)
+from flexgen_dist.core.types import Tier
 
 
 def test_weights_go_where_their_byte_midpoint_falls():

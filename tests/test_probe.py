@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-
 from conftest import PROMPTS, count_int4_products, reference_generate
-from flexgen_dist import Engine, Policy, kernels, probe
+from flexgen_dist import Engine, Policy
+from flexgen_dist.kernels import int4, probe
+from flexgen_dist.kernels import linear as kernels
 from flexgen_dist.run import main
 
-
-CACHED = (probe.pack_supported, probe.bf16_speedup, probe.int4_choice, probe.int4_cpu_block)
+CACHED = (probe.pack_supported, probe.bf16_speedup, probe.int4_choice, int4.int4_cpu_block)
 
 
 @pytest.fixture(autouse=True)
@@ -184,12 +184,12 @@ def test_int4_kernel_reading_an_unknown_layout_is_not_used(monkeypatch):
     """A CPU whose conversion op writes neither known layout: the engine's codes would be read
     wrong, so the kernel is not used even when forced."""
     monkeypatch.setattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", lambda codes, inner: codes.byte()[:, ::2])
-    probe.int4_cpu_block.cache_clear()
+    int4.int4_cpu_block.cache_clear()
     monkeypatch.setenv(probe.INT4_ENV, "1")
     try:
         choice = probe.int4_choice("cpu", torch.float32)
     finally:
-        probe.int4_cpu_block.cache_clear()
+        int4.int4_cpu_block.cache_clear()
     assert not choice.use and choice.reason == "the int4 kernel reads a layout this engine does not write"
 
 

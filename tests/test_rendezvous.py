@@ -12,10 +12,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
 from conftest import make_checkpoint
-from flexgen_dist import FlexGenError, dist
-from flexgen_dist.dist import DistContext
+from flexgen_dist import FlexGenError
+from flexgen_dist.dist import group
+from flexgen_dist.dist.context import DistContext
 
 ROOT = Path(__file__).resolve().parent.parent
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
@@ -105,19 +105,19 @@ def test_master_addr_is_honoured_without_resolving_the_host_name(monkeypatch):
     two_nodes = DistContext(rank=0, world_size=4, local_size=2)
     monkeypatch.setenv("FLEXGEN_MASTER_ADDR", "10.1.2.3")
     monkeypatch.setenv("IFACE", "no-such-interface")
-    assert dist.master_address(two_nodes) == "10.1.2.3"
+    assert group.master_address(two_nodes) == "10.1.2.3"
     monkeypatch.delenv("FLEXGEN_MASTER_ADDR")
     monkeypatch.setenv("IFACE", "lo")
-    assert dist.master_address(two_nodes) == "127.0.0.1"  # the interface's own address
+    assert group.master_address(two_nodes) == "127.0.0.1"  # the interface's own address
     monkeypatch.delenv("IFACE")
     with pytest.raises(FlexGenError, match="cannot resolve this host's name .*set FLEXGEN_MASTER_ADDR or IFACE"):
-        dist.master_address(two_nodes)
-    assert dist.master_address(DistContext(rank=0, world_size=2, local_size=2)) == "127.0.0.1"
+        group.master_address(two_nodes)
+    assert group.master_address(DistContext(rank=0, world_size=2, local_size=2)) == "127.0.0.1"
 
 
 def test_an_address_that_is_not_this_hosts_is_refused_in_one_line():
     with pytest.raises(FlexGenError, match="cannot listen on 192.0.2.123 .*FLEXGEN_MASTER_ADDR"):
-        dist.listen_on("192.0.2.123")  # TEST-NET-1: never a local address
+        group.listen_on("192.0.2.123")  # TEST-NET-1: never a local address
 
 
 class FakeMPI:
@@ -147,7 +147,7 @@ def test_the_rendezvous_store_listens_on_one_address_only(nodes, monkeypatch):
 
     def rank(r):
         ctx = DistContext(rank=r, world_size=2, local_size=2 // nodes, mpi=mpi)
-        stores[r] = dist._mpi_store(ctx, timedelta(seconds=30))
+        stores[r] = group._mpi_store(ctx, timedelta(seconds=30))
     threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
     for t in threads:
         t.start()
@@ -215,9 +215,10 @@ def test_a_one_node_job_listens_on_loopback_only_and_ends_with_its_launcher(two_
 
 WATCHED = textwrap.dedent("""
     import sys, time
-    from flexgen_dist import dist
-    dist.on_exit(lambda: open(sys.argv[1], "w").write("hook ran"))
-    dist.watch_launcher(dist.DistContext(rank=3, world_size=4), poll_s=0.1)
+    from flexgen_dist.dist import failures
+    from flexgen_dist.dist.context import DistContext
+    failures.on_exit(lambda: open(sys.argv[1], "w").write("hook ran"))
+    failures.watch_launcher(DistContext(rank=3, world_size=4), poll_s=0.1)
     print("watching", flush=True)
     time.sleep(120)
 """)

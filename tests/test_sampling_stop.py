@@ -1,10 +1,9 @@
 """Seeded sampling is reproducible (whatever the batching); stop tokens end a sequence."""
 import pytest
 import torch
-
 from conftest import PROMPTS, reference_generate
 from flexgen_dist import Engine, Policy
-from flexgen_dist.sampling import top_p_filter
+from flexgen_dist.runtime.sampling import top_p_filter
 
 
 @pytest.fixture(scope="module")

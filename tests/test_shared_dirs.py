@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import PROMPTS, make_checkpoint, reference_generate
 from flexgen_dist import FlexGenError
-from flexgen_dist.generation import prepare_offload_dir
-from flexgen_dist.memory import StoreError
+from flexgen_dist.core.errors import StoreError
 from flexgen_dist.models.base import WeightSpec
-from flexgen_dist.weights import TensorStore, open_lock, resolve_model, store_versions
+from flexgen_dist.models.checkpoint import resolve_model
+from flexgen_dist.storage.store import TensorStore, store_versions
+from flexgen_dist.system.workdir import open_lock, prepare_offload_dir
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="acting as another local user needs root")
@@ -94,7 +94,7 @@ def test_lock_files_are_never_truncated_and_private(tmp_path):
 # job B provably runs (and rebuilds) while A is mid-generation, reading weights from disk
 PAUSED_JOB = textwrap.dedent("""
     import os, sys, time
-    from flexgen_dist.executor import LocalExecutor
+    from flexgen_dist.runtime.executor import LocalExecutor
     from flexgen_dist.run import main
     ready, gate = sys.argv[1], sys.argv[2]
     original, calls = LocalExecutor.forward_step, [0]

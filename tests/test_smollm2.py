@@ -8,11 +8,10 @@ import json
 import pytest
 import torch
 from conftest import make_tokenizer
-from test_pipeline import MPIRUN, mpirun
-
 from flexgen_dist import Engine, Policy
-from flexgen_dist.errors import FlexGenError
-from flexgen_dist.prompts import read_prompts, tokenize
+from flexgen_dist.core.errors import FlexGenError
+from flexgen_dist.formats.prompts import read_prompts, tokenize
+from test_pipeline import MPIRUN, mpirun
 
 NEW_TOKENS = 8
 TEXTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, there was a"]

@@ -5,11 +5,10 @@ import re
 
 import pytest
 import torch
-
 from conftest import PROMPTS, make_checkpoint, run_cli
 from flexgen_dist import Engine, Policy, Tier
-from flexgen_dist.generation import open_store
-from flexgen_dist.weights import resolve_model
+from flexgen_dist.models.checkpoint import resolve_model
+from flexgen_dist.storage.store import open_store
 
 
 def store_dir(offload):

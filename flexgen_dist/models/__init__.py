@@ -1,4 +1,9 @@
-"""Model families: each is a module in this package (see `base.py` for what one provides)."""
+"""models: one folder per family (`opt/`, `llama/`), each the plain math of its layers, its specs and
+the explicit map of its weights to checkpoint keys (`base.Family`); where weights come from
+(`checkpoint.py`); GGUF conversion (`fetch.py`). It knows nothing of tiers, files of the engine's own,
+or ranks. May import: kernels, core."""
+import torch
+
 from .registry import (
     BUILTIN,
     FAMILIES,
@@ -20,14 +25,7 @@ def weight_bytes(spec: ModelSpec, bytes_per_value: float = 2.0) -> int:
     """Bytes of one copy of every stored weight (a tied embedding counted once)."""
     layers = family_of(spec).build_layers(spec)
     shapes = {w.name: w.shape for layer in layers for w in layer.weights}
-    return int(sum(_numel(s) for s in shapes.values()) * bytes_per_value)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return int(sum(torch.Size(s).numel() for s in shapes.values()) * bytes_per_value)
 
 
 __all__ = ["BUILTIN", "FAMILIES", "ModelError", "ModelSpec", "builtin_spec", "family_of", "flops_per_token",

@@ -1,28 +1,20 @@
-"""What every model family provides: a spec, per-layer weight specs and plain layer math.
+"""What every model family provides (`Family`): a spec, per-layer weight specs, plain layer math and
+the explicit map from its weights to the keys of a Hugging Face checkpoint.
 
 A family never sees tiers, files or ranks. The executor hands each layer a dict of weight tensors
 already on the compute device, the hidden states, and (for attention layers) a KV buffer to append to.
-
-A family module provides:
-- `SPEC` (its ModelSpec subclass), `MODEL_TYPES` (the HF `model_type`s it reads) and `BUILTIN` (specs);
-- `spec_from_config(config, name)`: a Hugging Face `config.json` dict -> spec, ModelError on what it
-  cannot run;
-- `build_layers(spec, first, last, with_embed, with_head, sep_layer)`: the schedule layers;
-- `checkpoint_key_to_name(key)`: a checkpoint key -> store name (None to skip the tensor);
-- `flops_per_token(spec, context)`: the useful FLOPs of one new token attending to `context` tokens.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import FlexGenError
+from ..core.errors import FlexGenError
 
 EMBED, BLOCK, HEAD = "embed", "block", "head"
-TABLE = "table"  # `WeightSpec.compressible` of a vocabulary table (embedding, output head): compressed only on request
 
 
 class ModelError(FlexGenError):
@@ -74,10 +66,6 @@ def eos_ids(value) -> tuple[int, ...]:
     if value is None:
         return ()
     return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
-
-
-def spec_to_dict(spec: ModelSpec) -> dict:
-    return dataclasses.asdict(spec)
 
 
 @dataclass(frozen=True)
@@ -173,3 +161,32 @@ def stage_costs(layers: list[Layer], num_blocks: int) -> tuple[list[int], int, i
 def specs(prefix: str, entries: list[tuple]) -> list[WeightSpec]:
     """(key, name, shape, compressible[, linear[, init]]) tuples -> WeightSpecs named `prefix + name`."""
     return [WeightSpec(key, f"{prefix}{name}", tuple(shape), *e) for key, name, shape, *e in entries]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Family:
+    """One model family, as the engine outside `models/` sees it (each family folder's `FAMILY`).
+
+    - `spec_type`: its ModelSpec subclass; `model_types`: the Hugging Face `model_type`s it reads;
+      `builtin`: named specs for `--dummy-weights`;
+    - `spec_from_config(config, name)`: a `config.json` dict -> spec (ModelError on what it cannot run);
+    - `build_layers(spec, first=0, last=None, with_embed=True, with_head=True, sep_layer=True)`: the
+      schedule layers of transformer blocks [first, last);
+    - `checkpoint_keys(spec)`: every stored weight's name -> the checkpoint keys it may be read from
+      (the first one present wins); a checkpoint lacking one is refused when the model is resolved;
+    - `flops_per_token(spec, context)`: (block FLOPs, head FLOPs) of one new token attending to
+      `context` tokens."""
+
+    name: str
+    spec_type: type
+    model_types: tuple[str, ...]
+    builtin: Sequence[ModelSpec]
+    spec_from_config: Callable[[dict, str], ModelSpec]
+    build_layers: Callable[..., list[Layer]]
+    checkpoint_keys: Callable[[ModelSpec], dict[str, tuple[str, ...]]]
+    flops_per_token: Callable[[ModelSpec, int], tuple[float, float]]
+
+
+def stored_names(layers: list[Layer]) -> list[str]:
+    """The store names of `layers`' weights, each once (a tied weight serves two layers), in order."""
+    return list(dict.fromkeys(w.name for layer in layers for w in layer.weights))

@@ -1,23 +1,24 @@
 """Model specs: the shape of a model, from a built-in table or a Hugging Face config.json.
 
-Each family module (see `base.py`) lists the `model_type`s it reads and its built-in configs; this
-module only dispatches."""
+Each family folder (see `base.Family`) lists the `model_type`s it reads and its built-in configs;
+this module only dispatches."""
 from __future__ import annotations
 
 import json
 import os
 
-from . import llama, opt
-from .base import ModelError, ModelSpec, spec_to_dict
+from .base import Family, ModelError, ModelSpec
+from .llama import FAMILY as LLAMA
+from .opt import FAMILY as OPT
 
-FAMILIES = {"opt": opt, "llama": llama}
-_BY_MODEL_TYPE = {t: family for family in FAMILIES.values() for t in family.MODEL_TYPES}
+FAMILIES: dict[str, Family] = {f.name: f for f in (OPT, LLAMA)}
+_BY_MODEL_TYPE = {t: family for family in FAMILIES.values() for t in family.model_types}
 
-BUILTIN: dict[str, ModelSpec] = {s.name: s for family in FAMILIES.values() for s in family.BUILTIN}
+BUILTIN: dict[str, ModelSpec] = {s.name: s for family in FAMILIES.values() for s in family.builtin}
 
 
-def family_of(spec: ModelSpec):
-    """The family module that builds `spec`'s layers."""
+def family_of(spec: ModelSpec) -> Family:
+    """The family that builds `spec`'s layers."""
     return FAMILIES[spec.family]
 
 
@@ -31,7 +32,7 @@ def spec_from_hf_config(config: dict, name: str) -> ModelSpec:
     model_type = config.get("model_type")
     family = _BY_MODEL_TYPE.get(model_type)
     if family is None:
-        known = ", ".join(f"{f} (model_type {', '.join(m.MODEL_TYPES)})" for f, m in FAMILIES.items())
+        known = ", ".join(f"{f} (model_type {', '.join(m.model_types)})" for f, m in FAMILIES.items())
         raise ModelError(f"{name} is a '{model_type}' model; supported families: {known}")
     return family.spec_from_config(config, name)
 
@@ -46,7 +47,3 @@ def spec_from_dir(path: str) -> ModelSpec:
     except json.JSONDecodeError as e:
         raise ModelError(f"{config_path} is not valid JSON: {e}") from None
     return spec_from_hf_config(config, os.path.basename(os.path.normpath(path)))
-
-
-__all__ = ["BUILTIN", "FAMILIES", "ModelError", "ModelSpec", "builtin_spec", "family_of", "spec_from_dir",
-           "spec_from_hf_config", "spec_to_dict"]

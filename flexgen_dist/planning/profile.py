@@ -1,0 +1,213 @@
+"""What this machine can do, measured once and cached: the numbers the cost model runs on.
+
+A profile is a JSON file per machine identity (CPU model and flags, cores this process may use,
+RAM, torch version, GPU) under `~/.cache/flexgen_dist/hardware/`; a changed identity or profile
+version is a different file, so it is measured afresh, as is any measurement not yet in the file
+(a new model's matmul shapes, a new disk; see `measure.py`). `reprofile=True` (`--reprofile`)
+measures everything again. Memory budgets are not part of the profile: they are what the machine
+and its cgroup allow now (see `budgets`), less a margin, unless given (`--gpu-mem`, `--cpu-mem`,
+`--disk-mem`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from ..core.types import GiB, dtype_name
+from ..runtime.budget import MARGIN
+from ..system.limits import FREE_RAM, code_reserve, host_available
+from ..system.workdir import partial_file
+
+PROFILE_VERSION = 7  # 7: medians instead of the fastest call
+
+
+MATMUL_ROWS = (1, 8, 32, 128, 512)  # rows of a product measured; others are interpolated
+
+
+def machine_identity(device: torch.device) -> dict:
+    """What makes two machines' measurements interchangeable."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+        flags = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("flags")), "")
+    except OSError:
+        model = platform.processor()
+    identity = {"cpu": model, "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:16],
+                "threads": torch.get_num_threads(), "ram": psutil.virtual_memory().total,
+                "torch": torch.__version__, "device": device.type}
+    if device.type == "cuda":
+        identity["gpu"] = torch.cuda.get_device_name(device)
+    return identity
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "flexgen_dist", "hardware")
+
+
+@dataclass
+class HardwareProfile:
+    """Measured rates, keyed by what was measured (see the `*_key` functions)."""
+
+    identity: dict
+    rates: dict[str, float] = field(default_factory=dict)
+    path: str | None = None
+    measured_s: float = 0.0  # time spent measuring in this process
+    # called once, before the first measurement this process makes (a status line: it may take a minute)
+    on_first_measurement: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    _points: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # ----- lookups the cost model uses ---------------------------------------------------------
+    def matmul_s(self, dtype: torch.dtype, rows: int, k: int, n: int, packed: bool = False) -> float:
+        """Seconds for a (rows, k) x (k, n) product; `packed`: with the weight in the layout the
+        engine gives resident weights where the device has one (else the same as plain)."""
+        return 2.0 * rows * k * n / self.matmul_rate(dtype, rows, k, n, packed)
+
+    def matmul_rate(self, dtype: torch.dtype, rows: int, k: int, n: int, packed: bool = False) -> float:
+        """FLOP/s, interpolated between measured row counts; a profile written by hand may give one
+        rate for every shape as `matmul DTYPE any`."""
+        flat = self.rates.get(f"matmul {dtype_name(dtype)} any")
+        if flat is not None:
+            return flat
+        keys = [matmul_key(dtype, r, k, n, packed) for r in MATMUL_ROWS]
+        if packed and keys[0] not in self.rates:
+            keys = [matmul_key(dtype, r, k, n) for r in MATMUL_ROWS]
+        points = [(r, self.rates[key]) for r, key in zip(MATMUL_ROWS, keys) if key in self.rates]
+        if not points:
+            raise KeyError(f"no matmul measurement for {k}x{n} in {dtype}")
+        if rows <= points[0][0]:
+            return points[0][1] * rows / points[0][0]  # below the smallest: same time per call
+        for (r0, v0), (r1, v1) in zip(points, points[1:]):
+            if rows <= r1:
+                return v0 + (rows - r0) / (r1 - r0) * (v1 - v0)
+        return points[-1][1]
+
+    def rate(self, key: str) -> float:
+        return self.rates[key]
+
+    def layer_points(self, key: str) -> list[tuple[int, float]]:
+        """(size, seconds) of every measurement of the layer `key` names at any size, by size."""
+        packed = key.endswith(" packed")
+        prefix = key.removesuffix(" packed").rsplit(" ", 1)[0] + " "
+        if (prefix, packed) not in self._points:
+            found = []
+            for k, v in self.rates.items():
+                if k.startswith(prefix) and k.endswith(" packed") == packed:
+                    found.append((int(k.removesuffix(" packed").rsplit(" ", 1)[1]), v))
+            self._points[(prefix, packed)] = sorted(found)
+        return self._points[(prefix, packed)]
+
+    # ----- measuring ---------------------------------------------------------------------------
+    def ensure(self, key: str, measure: Callable[[], float]) -> float:
+        if key not in self.rates:
+            self.about_to_measure()
+            t0 = time.perf_counter()
+            self.rates[key] = float(measure())
+            self.measured_s += time.perf_counter() - t0
+            self._points.clear()
+        return self.rates[key]
+
+    def about_to_measure(self) -> None:
+        """Every measurement calls this first: the first one announces itself."""
+        if self.on_first_measurement is not None:
+            self.on_first_measurement()
+            self.on_first_measurement = None
+
+    def __getstate__(self) -> dict:
+        """A profile travels to rank 0 pickled: without its callback (often a lambda, unpicklable)."""
+        return {**self.__dict__, "on_first_measurement": None}
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        body = json.dumps({"version": PROFILE_VERSION, "identity": self.identity, "rates": self.rates},
+                          indent=1, sort_keys=True)
+        temp = f"{self.path}.{os.getpid()}.new"  # ranks on one machine may save at once
+        with partial_file(temp), open(temp, "w") as f:
+            f.write(body)
+        os.replace(temp, self.path)
+
+
+def matmul_key(dtype: torch.dtype, rows: int, k: int, n: int, packed: bool = False) -> str:
+    return f"matmul {dtype_name(dtype)} {rows}x{k}x{n}" + (" packed" if packed else "")
+
+
+def load_profile(device: torch.device, cache_dir: str | None = None, reprofile: bool = False) -> HardwareProfile:
+    """This machine's cached profile (empty where nothing is cached yet, or with `reprofile`)."""
+    identity = machine_identity(device)
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir or default_cache_dir(), f"{digest}.json")
+    profile = HardwareProfile(identity, path=path)
+    if reprofile:
+        return profile
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("version") == PROFILE_VERSION and data.get("identity") == identity:
+            profile.rates = {k: float(v) for k, v in data["rates"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # unreadable or damaged: measure again
+    return profile
+
+
+def layer_key(dtype: torch.dtype, spec, kind: str, phase: str, tokens: int, packed: bool) -> str:
+    dims = f"{spec.family} {spec.hidden_size}/{spec.ffn_dim}/{spec.num_heads}/{spec.kv_heads}"
+    return f"layer {dtype_name(dtype)} {dims} {kind} {phase} {tokens}" + (" packed" if packed else "")
+
+
+def layer_kind(layer) -> str:
+    return "attention" if layer.has_cache else "mlp"
+
+
+def choice_key(vocab: int) -> str:
+    return f"token choice {vocab}"
+
+
+def overhead_key(dtype: torch.dtype, spec) -> str:
+    return f"layer overhead {dtype_name(dtype)} {spec.hidden_size}"
+
+
+def disk_key(directory: str, what: str) -> str:
+    return f"disk {what} {os.stat(directory).st_dev}"
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Bytes each tier may hold for one rank's plan (before the engine's own MARGIN)."""
+
+    compute: int
+    host: int
+    disk: int
+    source: str = ""
+
+
+def budgets(device: torch.device, offload_dir: str, gpu_mem: float | None = None, cpu_mem: float | None = None,
+            disk_mem: float | None = None) -> Budgets:
+    """What this process may use now on each tier, less the engine's margin; overrides in GiB.
+    `cpu_mem` is the whole process's host memory: what it already holds is taken off. Without a
+    GPU the compute tier is host memory, and the two share the host budget."""
+    rss = psutil.Process().memory_info().rss
+    available, source = host_available()
+    if cpu_mem is not None and int(cpu_mem * GiB) - rss < available:
+        available, source = max(int(cpu_mem * GiB) - rss, 0), f"--cpu-mem {cpu_mem:g} GiB"
+    host = int(max(available - code_reserve(resident_counted=source != FREE_RAM), 0) / MARGIN)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        compute = int((gpu_mem * GiB if gpu_mem is not None else free) / MARGIN)
+    else:
+        compute = host
+    os.makedirs(offload_dir, exist_ok=True)
+    disk = shutil.disk_usage(offload_dir).free if disk_mem is None else int(disk_mem * GiB)
+    return Budgets(compute, host, disk, source)

@@ -1,0 +1,139 @@
+"""Memory and disk a policy will use, against what this process may really use.
+
+The engine checks before it loads: a policy that would not fit ends with one line naming the
+tier, the bytes it needs and the bytes there are, instead of an out-of-memory kill halfway. What
+the process may use is `system.limits.host_available` (the machine, its memory cgroup, --cpu-mem).
+These are the numbers the planner plans with too (`planning/optimizer.py`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.errors import FlexGenError
+from ..core.policy import Policy, split_rows, weight_homes
+from ..core.types import GiB, Tier
+from ..models.base import Layer
+from ..storage.kvcache import kv_token_bytes
+from ..storage.store import stored_nbytes
+from ..system.limits import host_available, require_disk_space
+
+# allocator slack and fragmentation on top of the bytes counted. Measured over 45 runs in memory
+# cgroups, the peak less the process's baseline was 0.86-1.07x the bytes counted (at most 0.06 GiB
+# over; benchmark/RESULTS.md, "The planner on an AVX-512 machine"); with hardware.CODE_RESERVE
+# this covers it, where 10 % made the planner leave a fifth of a tight limit unused
+MARGIN = 1.05
+
+
+class NotEnoughMemory(FlexGenError):
+    pass
+
+
+@dataclass
+class Plan:
+    """Bytes by tier and by what they hold, e.g. plan.bytes[Tier.HOST]["weights"]."""
+
+    bytes: dict[Tier, dict[str, int]] = field(default_factory=lambda: {t: {} for t in Tier})
+
+    def add(self, tier: Tier, what: str, n: int) -> None:
+        self.bytes[tier][what] = self.bytes[tier].get(what, 0) + int(n)
+
+    def total(self, tier: Tier) -> int:
+        return sum(self.bytes[tier].values())
+
+    def __add__(self, other: "Plan") -> "Plan":
+        out = Plan()
+        for plan in (self, other):
+            for tier, parts in plan.bytes.items():
+                for what, n in parts.items():
+                    out.add(tier, what, n)
+        return out
+
+    def describe(self, tiers) -> str:
+        parts = [f"{what} {n / GiB:.2f}" for t in tiers for what, n in self.bytes[t].items() if n]
+        return ", ".join(parts) or "nothing"
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return dtype.itemsize
+
+
+def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is_compute: bool) -> Plan:
+    """Weights at their homes (FlexGen's per-layer rule on stored bytes, as the executor places
+    them), plus the compute-side buffers of the two layers in flight (weights read, copied or
+    decompressed for one use) and the host read buffers of disk-homed weights."""
+    compression = policy.weight_compression()
+
+    def stored(w) -> int:
+        return stored_nbytes(w, dtype, compression)
+
+    homes = weight_homes(layers, policy, stored)
+    plan, in_flight, disk_reads = Plan(), [], []
+    for layer in layers:
+        moved = disk = 0
+        for w in layer.weights:
+            tier, size = homes[w.name], stored(w)
+            if tier is Tier.DISK:
+                disk += size
+            dense = torch.Size(w.shape).numel() * _elem(dtype)
+            # on a CPU a plain weight read from disk is used where it lands, in the read buffers
+            used_in_place = (tier is Tier.COMPUTE or host_is_compute) and size == dense
+            if not used_in_place:
+                moved += dense
+        in_flight.append(moved)
+        disk_reads.append(disk)
+    sizes = {w.name: stored(w) for layer in layers for w in layer.weights}
+    for name, tier in homes.items():
+        plan.add(tier, "weights", sizes[name])
+    plan.add(Tier.COMPUTE, "weights in flight", 2 * max(in_flight, default=0))
+    plan.add(Tier.HOST, "disk read buffers", 2 * max(disk_reads, default=0))
+    return plan
+
+
+def block_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, micro_batches: int, prompt_len: int,
+               capacity: int, hidden: int, vocab: int, heads: int) -> Plan:
+    """The KV cache of every micro-batch in flight for `capacity` tokens, its compute-side staging,
+    the hidden states between layers and the largest prefill intermediates."""
+    plan, elem, gbs = Plan(), _elem(dtype), policy.gpu_batch_size
+    compression = policy.cache_compression()
+    for layer in (la for la in layers if la.has_cache):
+        per_row = capacity * kv_token_bytes(1, layer.kv_heads, layer.head_dim, dtype, compression)
+        for tier, a, b in split_rows(gbs, policy.tier_percents("cache")):
+            plan.add(tier, "KV cache", per_row * (b - a) * policy.num_gpu_batches * micro_batches)
+        in_place = policy.cache_gpu_percent == 100 and compression is None
+        if not in_place:  # a loaded (layer, batch) and the next one prefetched
+            plan.add(Tier.COMPUTE, "KV staging", 2 * 2 * gbs * layer.kv_heads * capacity * layer.head_dim * elem)
+    rows = policy.block_size * micro_batches
+    plan.add(policy.act_tier, "activations", rows * prompt_len * hidden * elem)
+    widest = max([max(w.shape) for la in layers for w in la.weights  # the MLP's inner width, not the vocabulary
+                  if len(w.shape) == 2 and vocab not in w.shape] + [hidden])
+    prefill = gbs * prompt_len * (3 * widest * elem + heads * prompt_len * 4) + gbs * vocab * 4  # query heads' scores
+    plan.add(Tier.COMPUTE, "prefill intermediates", prefill)
+    return plan
+
+
+def check_memory(plan: Plan, compute: torch.device, what: str) -> None:
+    """Refuse, in one line, a plan that does not fit the memory this process may use."""
+    if compute.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(compute)
+        _refuse_if(plan.total(Tier.COMPUTE) * MARGIN, free, f"GPU memory for {what}", plan, [Tier.COMPUTE],
+                   "free GPU memory")
+        tiers = [Tier.HOST]
+    else:  # the compute and host tiers are both this machine's RAM
+        tiers = [Tier.COMPUTE, Tier.HOST]
+    available, source = host_available()
+    _refuse_if(sum(plan.total(t) for t in tiers) * MARGIN, available, f"host memory for {what}", plan, tiers, source)
+
+
+def _refuse_if(need: float, have: int, what: str, plan: Plan, tiers, source: str) -> None:
+    if need > have:
+        raise NotEnoughMemory(
+            f"not enough {what}: the policy needs {need / GiB:.2f} GiB ({plan.describe(tiers)} GiB, with "
+            f"{MARGIN - 1:.0%} slack), {have / GiB:.2f} GiB is available ({source}); put more of the weights "
+            "or KV cache on disk (--percent) or use a smaller --gpu-batch-size")
+
+
+def check_disk(plan: Plan, directory: str, what: str) -> None:
+    """Refuse, in one line, disk-homed bytes that the filesystem of `directory` cannot take."""
+    require_disk_space(plan.total(Tier.DISK), directory, what, "or keep more in memory (--percent)")

@@ -1,0 +1,231 @@
+"""The block schedule for one rank's contiguous range of layers.
+
+For every token step: each layer's weights are loaded once and used by all `num_gpu_batches`
+batches; while batch k computes, the next (layer, batch)'s KV cache and the next layer's weights
+load on I/O threads, and batch k's new KV is stored in the background. `overlap=False` runs the
+same schedule with every load and store done inline.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from ..core.policy import Policy, split_rows, weight_homes
+from ..core.types import Tier
+from ..kernels.int4 import Int4Weight
+from ..kernels.linear import (
+    can_pack,
+    int4_for_device,
+    pack_linear_weight,
+    release_dense_buffers,
+    use_int4,
+)
+from ..kernels.quantize import CompressedTensor
+from ..models.base import Layer, StepInputs
+from ..storage.activations import ActivationStore
+from ..storage.devices import Devices, to_device
+from ..storage.homes import WeightHome, WeightSource
+from ..storage.kvcache import KVCache
+from ..system.io import ReadSlab
+from ..system.limits import share_one_allocator_arena, trim_allocator
+
+IO_THREADS = 4
+
+
+_WEIGHT_READERS = ThreadPoolExecutor(4, thread_name_prefix="flexgen-weights")
+
+
+class Inline:
+    """A stand-in for a thread pool that runs each job at once (the `--overlap 0` schedule)."""
+
+    def submit(self, fn, *args) -> Future:
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
+@dataclass
+class LoadedWeights:
+    tensors: dict[str, torch.Tensor]
+    moved_bytes: int  # bytes materialised on the compute tier for this use only
+
+
+@dataclass
+class Timers:
+    io_wait: float = 0.0  # time compute sat waiting for a load
+    compute: float = 0.0
+
+
+class LocalExecutor:
+    def __init__(self, layers: list[Layer], store: WeightSource, policy: Policy, devices: Devices,
+                 dtype: torch.dtype, work_dir: str):
+        self.layers, self.policy, self.devices, self.dtype, self.work_dir = layers, policy, devices, dtype, work_dir
+        share_one_allocator_arena()
+        self.homes = self._place_weights(store)
+        self._slabs = self._read_slabs(store)
+        self._loads = itertools.count()
+        self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="flexgen-io") if policy.overlap else Inline()
+        self.acts = ActivationStore(devices, policy.act_tier, work_dir)
+        self.timers = Timers()
+        self._pending_stores: dict[KVCache, Future] = {}
+        self._next_weights: Future | None = None
+        self._allocations = itertools.count()  # each micro-batch's caches get their own files
+
+    # ----- placement -------------------------------------------------------------------------
+    def _place_weights(self, store: WeightSource) -> dict[str, WeightHome]:
+        """Home every weight by FlexGen's rule, on the bytes it really takes (packed if compressed)."""
+        only_linear = {}  # tensors every user multiplies with (a tied embedding is also looked up)
+        for w in (w for layer in self.layers for w in layer.weights):
+            only_linear[w.name] = only_linear.get(w.name, True) and w.linear
+        tiers = weight_homes(self.layers, self.policy, lambda w: store.nbytes(w.name))
+        return {name: self._home(store, name, tier, only_linear[name]) for name, tier in tiers.items()}
+
+    def _read_slabs(self, store: WeightSource) -> list[ReadSlab]:
+        """Two buffers for disk-homed weights, each the size of the largest layer's reads: the layer
+        being computed and the one being prefetched take turns (loads happen strictly in order)."""
+        need = max((sum(store.file_bytes(w.name) for w in layer.weights if self.homes[w.name].tier is Tier.DISK)
+                    for layer in self.layers), default=0)
+        return [ReadSlab(need), ReadSlab(need)] if need else []
+
+    def _home(self, store: WeightSource, name: str, tier: Tier, only_linear: bool) -> WeightHome:
+        home = WeightHome(name, tier, store.nbytes(name), store)
+        # a tensor also looked up (a tied embedding) stays packed only where rows can be taken from
+        # the packed form (a CPU's layout); tinygemm's GPU form cannot, so there it is dequantized
+        lookup_ok = only_linear or self.devices.compute.type == "cpu"
+        home.keep_int4 = lookup_ok and self.policy.compress_weight and use_int4(self.devices.compute, self.dtype)
+        if tier is not Tier.DISK:
+            value = store.read(name)
+            device = self.devices.device_of(tier)
+            if isinstance(value, Int4Weight) and home.keep_int4 and device == self.devices.compute:
+                home.value = int4_for_device(value, device)  # in the kernel's form once, not per step
+                home.nbytes = home.value.nbytes  # a float32 feed doubles the stored bf16 scales
+            elif isinstance(value, (CompressedTensor, Int4Weight)):
+                home.value = value.to(device)
+            elif only_linear and device == self.devices.compute and can_pack(device, self.dtype):
+                home.value = pack_linear_weight(value, self.policy.gpu_batch_size)
+            else:
+                home.value = to_device(value, device, pin=tier is Tier.HOST and self.devices.pin_host)
+        self.devices.usage[tier].add(home.nbytes)
+        return home
+
+    def weight_bytes(self) -> dict[Tier, int]:
+        out = {t: 0 for t in Tier}
+        for home in self.homes.values():
+            out[home.tier] += home.nbytes
+        return out
+
+    # ----- KV cache ----------------------------------------------------------------------------
+    def allocate_caches(self, batch_rows: list[int], capacity: int) -> dict[tuple[int, int], KVCache]:
+        percents = self.policy.tier_percents("cache")
+        compression = self.policy.cache_compression()
+        prefix = os.path.join(self.work_dir, f"kv.{os.getpid()}.{next(self._allocations)}")
+        return {(j, k): KVCache(self.devices, split_rows(rows, percents), layer.kv_heads, layer.head_dim,
+                                capacity, self.dtype, f"{prefix}.{j}.{k}", compression)
+                for j, layer in enumerate(self.layers) if layer.has_cache
+                for k, rows in enumerate(batch_rows)}
+
+    def free_caches(self, caches: dict[tuple[int, int], KVCache]) -> None:
+        self.drain()
+        for cache in caches.values():
+            cache.free()
+
+    def _load_kv(self, cache: KVCache, start: int, new: int):
+        pending = self._pending_stores.pop(cache, None)
+        if pending is not None:
+            pending.result()  # last step's rows must be home before we read them
+        return cache.load(start, new)
+
+    # ----- weights -----------------------------------------------------------------------------
+    def _load_weights(self, j: int) -> LoadedWeights:
+        specs = self.layers[j].weights
+        homes = [self.homes[w.name] for w in specs]
+        alloc = None
+        if self._slabs:  # the slab two loads ago held weights whose layer has finished since
+            slab = self._slabs[next(self._loads) % len(self._slabs)]
+            slab.reset()
+            alloc = slab.take
+        # all of a layer's disk reads in flight at once: one request at a time leaves the SSD idle
+        loaded = list(_WEIGHT_READERS.map(lambda home: home.load(self.devices, alloc), homes))
+        tensors = {w.key: t for w, t in zip(specs, loaded)}
+        # what this use materialised on the compute device: copied or decompressed tensors, and
+        # reads unless they are used where they landed (a CPU's read slab, counted once as such)
+        slab_memory = slab.buf.untyped_storage().data_ptr() if alloc is not None else None
+
+        def in_slab(t) -> bool:
+            return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == slab_memory
+        moved = sum(t.nbytes for t, home in zip(loaded, homes) if t is not home.value and not in_slab(t))
+        self.devices.usage[Tier.COMPUTE].add(moved)
+        return LoadedWeights(tensors, moved)
+
+    def _wait(self, future: Future):
+        t0 = time.perf_counter()
+        result = future.result()
+        self.timers.io_wait += time.perf_counter() - t0
+        return result
+
+    # ----- the schedule ------------------------------------------------------------------------
+    def forward_step(self, xs: list[torch.Tensor], inputs: list[StepInputs],
+                     caches: dict[tuple[int, int], KVCache]) -> list[torch.Tensor]:
+        """Run every layer of this rank over every batch for one token step."""
+        n, num_layers = len(xs), len(self.layers)
+        for k, x in enumerate(xs):
+            self.acts.put(k, x)
+        jobs = [(j, k) for j in range(num_layers) for k in range(n)]
+        cached_jobs = [job for job in jobs if job in caches]
+        kv_loads = {cached_jobs[0]: self._submit_kv_load(cached_jobs[0], inputs, caches)} if cached_jobs else {}
+        for j, k in jobs:
+            if k == 0:
+                weights = self._wait(self._next_weights or self.io.submit(self._load_weights, j))
+                self._next_weights = None
+                if self.policy.overlap:  # the next layer's weights (layer 0 of the next step at the end)
+                    self._next_weights = self.io.submit(self._load_weights, (j + 1) % num_layers)
+            kv = None
+            if (j, k) in caches:
+                kv = self._wait(kv_loads.pop((j, k)))
+                following = cached_jobs.index((j, k)) + 1
+                if following < len(cached_jobs):
+                    job = cached_jobs[following]
+                    kv_loads[job] = self._submit_kv_load(job, inputs, caches)
+            t0 = time.perf_counter()
+            args = (weights.tensors, self.acts.get(k), inputs[k]) + ((kv,) if kv is not None else ())
+            self.acts.put(k, self.layers[j].forward(*args))
+            self.timers.compute += time.perf_counter() - t0
+            if kv is not None:
+                start, end = inputs[k].start, inputs[k].start + inputs[k].positions.shape[1]
+                cache = caches[(j, k)]  # keyed by the cache: every micro-batch has its own
+                self._pending_stores[cache] = self.io.submit(cache.store, kv, start, end)
+            if k == n - 1:
+                self.devices.usage[Tier.COMPUTE].sub(weights.moved_bytes)
+                del weights
+        outputs = [self.acts.get(k) for k in range(n)]
+        for k in range(n):
+            self.acts.drop(k)
+        trim_allocator()
+        return outputs
+
+    def _submit_kv_load(self, job, inputs, caches) -> Future:
+        j, k = job
+        return self.io.submit(self._load_kv, caches[job], inputs[k].start, inputs[k].positions.shape[1])
+
+    def drain(self) -> None:
+        """Wait for every background store and the speculative weight prefetch."""
+        for future in self._pending_stores.values():
+            future.result()
+        self._pending_stores.clear()
+        if self._next_weights is not None:
+            moved = self._next_weights.result().moved_bytes
+            self.devices.usage[Tier.COMPUTE].sub(moved)
+            self._next_weights = None
+
+    def close(self) -> None:
+        self.drain()
+        self.io.shutdown(wait=True)
+        release_dense_buffers()

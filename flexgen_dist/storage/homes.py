@@ -1,0 +1,60 @@
+"""A weight at its home tier, and the one way it reaches the compute device for a use."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..core.types import Tier
+from ..kernels.int4 import Int4Weight, dequantize_int4
+from ..kernels.linear import int4_for_device
+from ..kernels.quantize import CompressedTensor, dequantize
+from .devices import Devices, to_device
+
+
+class WeightSource(Protocol):
+    """Where the executor's weights come from, by store name: the converted store on disk
+    (`store.TensorStore`), or tensors already in memory (the planner's measurements)."""
+
+    def nbytes(self, name: str) -> int:
+        """Bytes the weight occupies as stored (packed size when compressed)."""
+
+    def file_bytes(self, name: str) -> int:
+        """Bytes a read of the weight needs in buffers."""
+
+    def read(self, name: str, alloc=None):
+        """The weight as stored: a tensor, a CompressedTensor or an Int4Weight; read into buffers
+        from `alloc(size)` when given."""
+
+
+@dataclass
+class WeightHome:
+    """One weight tensor at its home tier: resident (plain or compressed), or read from the store
+    on every use. `nbytes` is what it really occupies there (packed size when compressed)."""
+
+    name: str
+    tier: Tier
+    nbytes: int
+    store: WeightSource
+    value: object = None  # resident tensor, CompressedTensor or Int4Weight
+    keep_int4: bool = False  # an Int4Weight reaches the math packed (only for linear-only weights)
+
+    def load(self, devices: Devices, alloc=None):
+        """This weight on the compute device: decompressed there if it is stored compressed, except
+        an Int4Weight with `keep_int4`, which stays packed; disk reads land in buffers from `alloc`
+        when given (see ReadSlab)."""
+        value = self.store.read(self.name, alloc) if self.tier is Tier.DISK else self.value
+        return materialize(value, devices.compute, self.keep_int4)
+
+
+def materialize(value, device: torch.device, keep_int4: bool = False):
+    """A plain tensor on `device` from a tensor, a CompressedTensor or an Int4Weight (decompressed
+    on `device`); with `keep_int4`, an Int4Weight in the form `device`'s int4 kernel reads."""
+    if isinstance(value, Int4Weight):
+        if keep_int4:
+            return int4_for_device(value, device)
+        return dequantize_int4(value.to(device, non_blocking=value.data.is_pinned()))
+    if isinstance(value, CompressedTensor):
+        return dequantize(value.to(device, non_blocking=value.data.is_pinned()))
+    return to_device(value, device)
