@@ -205,6 +205,38 @@ workdir._stop(signal.SIGINT)  # as the main thread's handler does when it wins t
 """
 
 
+NOTHING_AFTER_THE_FINAL_CLEANUP = """
+import os, sys, threading
+from flexgen_dist.system import workdir
+root, partial = sys.argv[1], os.path.join(sys.argv[1], "out.tmp")
+workdir.remove_all_before_exit()  # what a rank's exit (a failure report, a signal) runs before os._exit
+made = []
+
+def open_files():  # the main thread, still starting its stage meanwhile
+    made.append(workdir.open_work_dir(root))
+    with workdir.partial_file(partial), open(partial, "w"):
+        made.append(partial)
+thread = threading.Thread(target=open_files, daemon=True)
+thread.start()
+thread.join(1.0)
+print("waits" if thread.is_alive() else f"made {made}", sorted(os.listdir(root)), flush=True)
+os._exit(2)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_no_work_dir_appears_once_the_final_cleanup_has_run(tmp_path):
+    """A rank ending on a peer's failure report or a signal runs its cleanup on another thread while
+    its main thread may be opening its work dir: the dir must be removed by that cleanup or never
+    made, not left behind by the os._exit that follows."""
+    root = tmp_path / "work"
+    root.mkdir()
+    done = subprocess.run([sys.executable, "-c", NOTHING_AFTER_THE_FINAL_CLEANUP, str(root)], capture_output=True,
+                          text=True, timeout=30)
+    assert done.stdout.strip() == "waits []", done.stdout + done.stderr
+    assert list(root.iterdir()) == []
+
+
 @pytest.mark.timeout(60)
 def test_a_second_signal_during_the_cleanup_still_ends_the_process(tmp_path):
     with child_with_a_work_dir(SIGNAL_DURING_CLEANUP, tmp_path) as (proc, work_dir):

@@ -32,7 +32,7 @@ def on_exit(callback) -> None:
     _exit_hooks.append(callback)
 
 
-on_exit(workdir.remove_all)  # a rank that ends abruptly still removes its KV-cache and activation files
+on_exit(workdir.remove_all_before_exit)  # a rank that ends abruptly still removes its KV-cache and activation files
 
 
 def exit_now(code: int, message: str | None = None) -> None:
@@ -100,7 +100,7 @@ def fail(ctx: DistContext, error: BaseException) -> None:
     neighbour first gives the rank that caused it a moment to report its own error."""
     message = str(error) if isinstance(error, PeerLost) else f"rank {ctx.rank}: {type(error).__name__}: {error}"
     message = message.replace("\n", " ")
-    workdir.remove_all()  # now: the launcher may SIGKILL this process while it waits below
+    workdir.remove_all_before_exit()  # now: the launcher may SIGKILL this process while it waits below
     if not ctx.first and ctx.mpi is not None:
         try:
             ctx.mpi.send(message, dest=0, tag=ERROR_TAG)  # small: delivered eagerly

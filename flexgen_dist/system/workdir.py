@@ -26,31 +26,35 @@ import time
 from ..core.errors import FlexGenError, StoreError
 
 OWNER = "owner"
-
-
 _live: dict[str, int] = {}  # this process's work dirs -> their lock file descriptors
-
-
 _partial: set[str] = set()  # files being written now (a store tensor, an output), removed if we die
-
-
 _lock = threading.RLock()  # reentrant: a signal handler may run while the main thread holds it
-
-
+_exiting = threading.Event()  # the process has begun its final cleanup: nothing new may appear after it
 EXIT_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
 def open_work_dir(root: str) -> str:
-    """A new private directory under `root` for this process, after removing dead processes' ones."""
+    """A new private directory under `root` for this process, after removing dead processes' ones.
+    It is made and registered in one step under the registry's lock, so an exit's cleanup running
+    on another thread either removes it or runs before it exists and keeps it from being made:
+    this thread then waits for the process to end."""
     private_dir(root, "work directory")
     sweep(root)
-    path = os.path.join(root, f"{os.getpid()}-{secrets.token_hex(4)}")
-    os.mkdir(path, 0o700)
-    fd = os.open(os.path.join(path, OWNER), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
     with _lock:
-        _live[path] = fd
-    return path
+        if not _exiting.is_set():
+            path = os.path.join(root, f"{os.getpid()}-{secrets.token_hex(4)}")
+            os.mkdir(path, 0o700)
+            fd = os.open(os.path.join(path, OWNER), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _live[path] = fd
+            return path
+    _wait_for_the_end()
+
+
+def _wait_for_the_end() -> None:
+    """Block a thread that would create files once the final cleanup has begun: the thread running
+    that cleanup ends the process next (with the lock released, so the cleanup can finish)."""
+    threading.Event().wait()
 
 
 def sweep(root: str) -> list[str]:
@@ -119,7 +123,11 @@ def partial_file(path: str):
     """While the block runs, `path` is a file being written: removed if the process ends first
     (and by the block itself if it raises)."""
     with _lock:
-        _partial.add(path)
+        exiting = _exiting.is_set()
+        if not exiting:
+            _partial.add(path)
+    if exiting:
+        _wait_for_the_end()
     try:
         yield path
     except BaseException:
@@ -134,11 +142,21 @@ def partial_file(path: str):
 def remove_all() -> None:
     """Remove every work dir and half-written file of this process (at exit, on a signal, and
     before an abrupt `os._exit`)."""
-    for path in list(_live):
+    with _lock:
+        work, partial = list(_live), list(_partial)
+    for path in work:
         remove_work_dir(path)
-    for path in list(_partial):
+    for path in partial:
         with contextlib.suppress(OSError):
             os.remove(path)
+
+
+def remove_all_before_exit() -> None:
+    """`remove_all` for a process that ends next (`os._exit`): from now on no work dir or partial
+    file can appear, even from another thread that was about to make one."""
+    with _lock:
+        _exiting.set()
+    remove_all()
 
 
 def exit_cleanly_on_signals() -> None:
@@ -173,7 +191,7 @@ def _stop(number: int) -> None:
     raises, and an exception here would leave the lock held and every later signal ignored."""
     _stopping.acquire()
     try:
-        remove_all()
+        remove_all_before_exit()
         with contextlib.suppress(OSError, ValueError):  # a closed or broken stderr
             print(f"{signal.Signals(number).name}: stopped; temporary files removed", file=sys.stderr, flush=True)
     finally:
