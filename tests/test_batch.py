@@ -220,6 +220,78 @@ def test_kill9_three_rank_pipeline_then_resume(crash_job, tmp_path):
     assert_same_as_reference(out, reference)
 
 
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.skipif(MPIRUN is None, reason="no mpirun"))])
+@pytest.mark.timeout(400)
+def test_a_finished_output_ending_in_a_torn_line_is_repaired_by_a_rerun(crash_job, tmp_path, ranks):
+    """A finished job whose output then ends in a torn line (a kill inside a write) is run again:
+    the rerun says so, runs the torn record's request again and writes the uninterrupted output."""
+    ckpt, prompts, reference = crash_job
+    out = tmp_path / "out.jsonl"
+    args = job_args(ckpt, prompts, out, tmp_path / "off-{rank}", gbs=1)
+    assert main(args) == 0
+    last = reference.splitlines()[-1]
+    out.write_bytes(reference[:len(reference) - len(last) // 2 - 1])  # half of the last line and its newline gone
+    command = ["-m", "flexgen_dist.run", *args]
+    done = mpirun(ranks, command, timeout=300) if ranks > 1 else subprocess.run(
+        [sys.executable, *command], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ended in a torn line (an interrupted write): cut it, kept the 7 whole records" in done.stderr
+    assert "7 of 8 requests already done" in done.stderr
+    assert_same_as_reference(out, reference)
+
+
+def test_a_rerun_of_a_finished_job_says_so_before_planning(crash_job, tmp_path, capsys):
+    ckpt, prompts, reference = crash_job
+    out = tmp_path / "out.jsonl"
+    args = [a for a in job_args(ckpt, prompts, out, tmp_path / "off") if a not in ("--policy", "manual", "--quiet")]
+    assert main(args) == 0 and out.read_bytes() == reference
+    capsys.readouterr()
+    assert main(args) == 0 and out.read_bytes() == reference
+    said = capsys.readouterr().out
+    assert said.startswith("nothing to generate: all 8 requests are in") and "plan:" not in said, said
+
+
+def test_a_job_whose_every_request_failed_exits_3_naming_the_first(crash_job, tmp_path, capsys):
+    ckpt, _, _ = crash_job
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    prompts.write_text(json.dumps({"input_ids": [5] * 70, "id": "long"}) + "\n" +
+                       json.dumps({"input_ids": [5] * 3, "max_tokens": 0, "id": "none"}) + "\n")
+    assert main(job_args(ckpt, prompts, out, tmp_path / "off")) == 3
+    err = capsys.readouterr().err
+    assert "error: 2 of 2 requests failed, the first: request 0 (long): the prompt has 70 tokens" in err, err
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["long", "none"]
+
+
+def test_partial_failure_exits_0_unless_asked_to_fail(crash_job, tmp_path, capsys):
+    ckpt, _, _ = crash_job
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"input_ids": [5] * 70}) + "\n" + json.dumps({"input_ids": [5] * 3}) + "\n")
+    args = job_args(ckpt, prompts, tmp_path / "out.jsonl", tmp_path / "off")
+    assert main(args) == 0
+    assert "error: 1 of 2 requests failed, the first: request 0: the prompt has 70 tokens" in capsys.readouterr().err
+    assert main(job_args(ckpt, prompts, tmp_path / "again.jsonl", tmp_path / "off") + ["--fail-on-error"]) == 3
+
+
+def test_a_strict_job_refused_at_its_first_request_leaves_no_files(crash_job, tmp_path, capsys):
+    ckpt, _, _ = crash_job
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    prompts.write_text(json.dumps({"input_ids": [5] * 70}) + "\n" + json.dumps({"input_ids": [5] * 3}) + "\n")
+    assert main(job_args(ckpt, prompts, out, tmp_path / "off") + ["--strict"]) == 2
+    assert "error: request 0: the prompt has 70 tokens" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["off", "p.jsonl"]
+
+
+def test_the_requests_bar_draws_the_finished_job_once(crash_job, tmp_path, monkeypatch):
+    """Under mpirun every draw of rank 0's bar reaches the terminal as a line of its own."""
+    import io
+    ckpt, _, _ = crash_job
+    with Engine.from_pretrained(str(ckpt), policy=Policy(gpu_batch_size=2), offload_dir=tmp_path, dtype="float32") as engine:
+        monkeypatch.setattr(sys, "stderr", io.StringIO())
+        engine.generate_batch([[2, 10, 11], [2, 12], [2, 13, 14, 15], [2, 9]], max_new_tokens=2, progress=True)
+        drawn = sys.stderr.getvalue()
+    assert drawn.count("4/4") == 1, drawn
+
+
 def test_host_memory_does_not_grow_with_blocks(tmp_path):
     """40 blocks with a 32000-token vocabulary: a per-block leak of logits (rows × steps × vocab
     × 4 B = 2 MiB here) would add 70 MiB between block 5 and block 40."""

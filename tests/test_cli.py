@@ -4,6 +4,7 @@ import json
 import pytest
 from conftest import PROMPTS, make_checkpoint, run_cli
 from flexgen_dist import Engine, Policy
+from flexgen_dist.cli.run import build_parser
 from flexgen_dist.run import main
 
 
@@ -115,6 +116,22 @@ def test_prompt_longer_than_positions(ckpt, capsys, tmp_path):
 
 def test_gen_len_zero(capsys, tmp_path):
     assert "at least 1" in bad(["--dummy-weights", "--gen-len", 0, "--offload-dir", tmp_path], capsys)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--gpu-batch-size", 0, "error: --gpu-batch-size must be a positive integer, got 0"),
+    ("--num-gpu-batches", -2, "error: --num-gpu-batches must be a positive integer, got -2"),
+    ("--gen-len", 0, "error: --gen-len must be at least 1, got 0"),
+    ("--top-p", 1.5, "error: --top-p must be in (0, 1], got 1.5"),
+    ("--micro-batches", 0, "error: --micro-batches must be at least 1, got 0"),
+])
+def test_a_bad_flag_value_is_named_by_its_flag(flag, value, message, capsys, tmp_path):
+    assert bad(["--dummy-weights", flag, value, "--offload-dir", tmp_path], capsys).startswith(message)
+
+
+def test_help_names_the_values_as_the_flags_do():
+    help_text = " ".join(build_parser().format_help().split())
+    assert "--gen-len GEN_LEN" in help_text and "MAX_NEW_TOKENS" not in help_text
 
 
 def test_empty_prompts_file(capsys, tmp_path):

@@ -76,6 +76,12 @@ def _flag_options(tp, default) -> dict:
     return dict(type=tp)
 
 
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a configuration field: `gpu_batch_size` -> `--gpu-batch-size` (a
+    field with a documented alias goes by the alias: `max_new_tokens` -> `--gen-len`)."""
+    return ALIASES.get(field_name, [f"--{field_name.replace('_', '-')}"])[0]
+
+
 def add_fields(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), title: str | None = None):
     """One flag per field of dataclass `cls` (those not in `skip`), in a group titled `title`."""
     group = parser.add_argument_group(title or cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
@@ -86,6 +92,8 @@ def add_fields(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         names = ALIASES.get(f.name, []) + [f"--{f.name.replace('_', '-')}"]
         options = _flag_options(types[f.name], default)
+        if f.name in ALIASES and "metavar" not in options:  # --gen-len's value, not MAX_NEW_TOKENS
+            options["metavar"] = ALIASES[f.name][0].lstrip("-").replace("-", "_").upper()
         group.add_argument(*names, dest=f.name, default=default, help=docs.get(f.name, ""), **options)
     return group
 

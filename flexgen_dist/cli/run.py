@@ -23,7 +23,7 @@ from ..core.policy import PERCENT_FIELDS, Policy
 from ..core.types import GiB, Tier
 from ..dist.context import DistContext, detect
 from ..dist.failures import fail, stop_watching, watch_for_failures
-from ..dist.group import gather, init, shutdown
+from ..dist.group import broadcast, gather, init, shutdown
 from ..engine.engine import Engine
 from ..formats.outputs import JobOutput, append_line, check_writable
 from ..formats.prompts import synthetic_prompts
@@ -41,7 +41,10 @@ from .flags import (
     add_fields,
     check_config_keys,
     config_defaults,
+    flag_name,
 )
+
+EXIT_FAILED_REQUESTS = 3  # the job ran, but no request succeeded (or any failed, with --fail-on-error)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def policy_from_args(args) -> Policy:
     return Policy.from_percent(args.percent or Policy().percent, **{k: v for k, v in pick(Policy, args).items()
-                                                                    if k not in PERCENT_FIELDS}).validate()
+                                                                    if k not in PERCENT_FIELDS}).validate(flag_name)
 
 
 def stop_ids(values: list[str], tokenizer) -> list[int]:
@@ -103,14 +106,20 @@ def run(args, ctx: DistContext) -> int:
     if args.num_prompts is not None and args.num_prompts < 1:
         raise FlexGenError(f"--num-prompts must be at least 1, got {args.num_prompts}")
     policy = policy_from_args(args)
-    gen = GenerationConfig(**pick(GenerationConfig, args)).validate()
-    engine_config = EngineConfig(**pick(EngineConfig, args))
+    gen = GenerationConfig(**pick(GenerationConfig, args)).validate(flag_name)
+    engine_config = EngineConfig(**pick(EngineConfig, args)).validate(flag_name)
     requests = read_requests(args.prompts) if args.prompts and ctx.first else None
     if engine_config.stage_layers:
         spec = resolve_model(args.model, dummy_weights=args.dummy_weights).spec
         check_stage_layers(engine_config.stage_layers, spec.num_layers, ctx.world_size)
     ctx = init(ctx, engine_config.comm_device, engine_config.comm_timeout)
     watch_for_failures(ctx)
+    finished = broadcast(ctx, finished_already(args, gen) if ctx.first else None)
+    if finished is not None:  # a rerun of a finished job: say so before planning, loading anything
+        if ctx.first:
+            print(f"nothing to generate: all {finished} requests are in {args.output} already "
+                  "(delete it, or give another --output, to generate them again)")
+        return 0
     engine_config.offload_dir = engine_config.offload_dir.format(rank=ctx.rank, local_rank=ctx.local_rank)
     planned = plan_run(ctx, JobConfig(**pick(JobConfig, args)), PlannerConfig(**pick(PlannerConfig, args)),
                        engine_config, gen.max_new_tokens, policy, requests, args.given)
@@ -136,7 +145,7 @@ def run(args, ctx: DistContext) -> int:
             if job["output"] is not None:
                 job["output"].finish()
             finish(args, engine, stages, compare(planned, engine, stages))
-    return 0
+    return exit_status(args, engine.last_batch) if ctx.first else 0
 
 
 def start_job(args, engine: Engine, gen: GenerationConfig, requests) -> dict:
@@ -150,6 +159,8 @@ def start_job(args, engine: Engine, gen: GenerationConfig, requests) -> dict:
     if args.output:
         out = JobOutput(args.output, job_manifest(args, engine, gen, job["created"]))
         done = out.start()
+        for note in out.notes:
+            print(f"note: {note}", file=sys.stderr)
         job.update(output=out, write=out.append, created=out.manifest["created"],
                    done=range(len(requests)) if out.complete else set(done))
         if done or out.complete:
@@ -158,15 +169,47 @@ def start_job(args, engine: Engine, gen: GenerationConfig, requests) -> dict:
     return job
 
 
+def finished_already(args, gen: GenerationConfig) -> int | None:
+    """Rank 0, before planning: the number of requests in `--output` if it is the whole, finished
+    output of this same job (model, weights, input, tokenizer and generation settings as its
+    manifest records them; a text `--stop` is compared only once the tokenizer is loaded); else
+    None, and the job runs (its resume checks the output against all the manifest records)."""
+    old = JobOutput.finished(args.output) if args.output else None
+    if old is None:
+        return None
+    recorded = old.get("generation", {})
+    stops = [int(v) for v in args.stop] if all(v.lstrip("-").isdigit() for v in args.stop) else recorded.get("stop")
+    weights = resolve_model(args.model, dummy_weights=args.dummy_weights).source.fingerprint
+    now = {"model": args.model, "weights": weights, "tokenizer": args.tokenizer, "input": job_input(args),
+           "generation": {**vars(gen), "stop": stops}}
+    return old["records"] if all(old.get(key) == value for key, value in now.items()) else None
+
+
+def exit_status(args, info) -> int:
+    """0, or EXIT_FAILED_REQUESTS when no request of the job succeeded (or, with --fail-on-error,
+    when any failed); the failures' records are in the output either way."""
+    if not info.errors:
+        return 0
+    print(f"error: {info.errors} of {info.requests} requests failed, the first: {info.first_error}",
+          file=sys.stderr)
+    none_ran = info.succeeded == 0 and not info.skipped
+    return EXIT_FAILED_REQUESTS if none_ran or args.fail_on_error else 0
+
+
+def job_input(args) -> dict:
+    """What the job's requests come from: the input file's digest, or the synthetic settings."""
+    if args.prompts:
+        return {"file_sha256": file_digest(args.prompts)}
+    return {"synthetic": [args.prompt_len, args.num_prompts, args.seed]}
+
+
 def job_manifest(args, engine: Engine, gen: GenerationConfig, created: int) -> dict:
     """What makes a job's results reusable by a rerun (not: batch sizes, placement, ranks)."""
     policy = engine.policy
-    source = {"file_sha256": file_digest(args.prompts)} if args.prompts else \
-        {"synthetic": [args.prompt_len, args.num_prompts, args.seed]}
     return {"version": 1, "model": args.model, "weights": engine.weights_id, "dtype": engine.kernels["dtype"],
             "compress_weight": policy.compress_weight and [policy.compress_bits, policy.compress_group_size],
             "compress_cache": policy.compress_cache and [policy.compress_bits, policy.compress_group_size],
-            "generation": {**vars(gen)}, "tokenizer": args.tokenizer, "input": source, "created": created}
+            "generation": {**vars(gen)}, "tokenizer": args.tokenizer, "input": job_input(args), "created": created}
 
 
 def file_digest(path: str) -> str:
@@ -187,7 +230,7 @@ def stage_summary(engine: Engine, load_s: float) -> dict:
 def finish(args, engine: Engine, stages: list[dict], prediction: dict) -> None:
     """Rank 0: the report and the metrics line."""
     info = engine.last_batch
-    if info.requests and info.skipped == info.requests:  # a rerun of a finished job: zeros say nothing
+    if info.requests and info.skipped == info.requests:  # the output was whole but for its manifest
         print(f"nothing to generate: all {info.requests} requests are in {args.output} already "
               "(delete it, or give another --output, to generate them again)")
     else:

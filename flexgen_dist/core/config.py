@@ -53,6 +53,14 @@ class EngineConfig:
     comm_timeout: float = 600.0
     """Seconds to wait for a peer rank before failing."""
 
+    def validate(self, name=str) -> "EngineConfig":
+        """Self, or a FlexGenError in one line naming the field as `name(field)` does."""
+        for field_name in ("micro_batches", "prefill_chunks"):
+            value = getattr(self, field_name)
+            if value is not None and value < 1:
+                raise FlexGenError(f"{name(field_name)} must be at least 1, got {value}")
+        return self
+
 
 @dataclass(kw_only=True)
 class GenerationConfig:
@@ -75,13 +83,14 @@ class GenerationConfig:
     seed: int = 0
     """Sampling seed; one generator per prompt, so a seed gives the same text whatever the batching."""
 
-    def validate(self) -> "GenerationConfig":
+    def validate(self, name=str) -> "GenerationConfig":
+        """Self, or a FlexGenError in one line naming the field as `name(field)` does."""
         if self.max_new_tokens < 1:
-            raise FlexGenError(f"gen-len / max_new_tokens must be at least 1, got {self.max_new_tokens}")
+            raise FlexGenError(f"{name('max_new_tokens')} must be at least 1, got {self.max_new_tokens}")
         if self.do_sample and self.temperature <= 0:
-            raise FlexGenError(f"temperature must be positive when sampling, got {self.temperature}")
+            raise FlexGenError(f"{name('temperature')} must be positive when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise FlexGenError(f"top-p must be in (0, 1], got {self.top_p}")
+            raise FlexGenError(f"{name('top_p')} must be in (0, 1], got {self.top_p}")
         return self
 
 
@@ -120,6 +129,9 @@ class JobConfig:
     rows are journaled as blocks finish, and a rerun with the same output resumes the job."""
     strict: bool = False
     """Fail at the first bad request instead of writing an error record for it and going on."""
+    fail_on_error: bool = False
+    """Exit with status 3 when any request failed (each failed request's error record is written
+    and the others still run); without it, status 3 only when no request succeeded."""
     bucket: bool = True
     """Group requests of similar prompt and requested length into blocks (less padding; same outputs)."""
     quiet: bool = False

@@ -85,11 +85,13 @@ class Policy:
     def block_size(self) -> int:
         return self.gpu_batch_size * self.num_gpu_batches
 
-    def validate(self) -> "Policy":
-        for name in ("gpu_batch_size", "num_gpu_batches"):
-            value = getattr(self, name)
+    def validate(self, name=str) -> "Policy":
+        """Self, or a PolicyError in one line naming the field as `name(field)` does (the command
+        line names its flags)."""
+        for field_name in ("gpu_batch_size", "num_gpu_batches"):
+            value = getattr(self, field_name)
             if not isinstance(value, int) or value < 1:
-                raise PolicyError(f"{name} must be a positive integer, got {value!r}")
+                raise PolicyError(f"{name(field_name)} must be a positive integer, got {value!r}")
         for kind in ("w", "cache", "act"):
             gpu, cpu = getattr(self, f"{kind}_gpu_percent"), getattr(self, f"{kind}_cpu_percent")
             for value in (gpu, cpu):

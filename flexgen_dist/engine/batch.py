@@ -36,6 +36,12 @@ class BatchInfo:
     padding_unbucketed: float = 0.0  # share of block positions that are padding, in input order
     padding: float = 0.0  # the same for the blocks run
     max_prompt_len: int = 0
+    first_error: str | None = None  # `request INDEX (ID): why`, of the first request that failed
+
+    @property
+    def succeeded(self) -> int:
+        """Requests answered by this run (not skipped, not failed)."""
+        return self.requests - self.skipped - self.errors
 
 
 def resolve(request: Request, engine, gen: GenerationConfig, tokenizer) -> Request:
@@ -112,8 +118,8 @@ def generate_batch(engine, requests, *, bucket: bool = True, strict: bool = Fals
         rows = _run_block(engine, payload, stats)
         if ctx.first:
             emit([record(it, row, engine.tokenizer, model_name, created) for it, row in zip(job["blocks"][k], rows)])
-            bar.update(len(rows))
-            bar.set_postfix_str(f"{stats.generated_tokens / max(time.perf_counter() - t0, 1e-9):.1f} tok/s")
+            rate = stats.generated_tokens / max(time.perf_counter() - t0, 1e-9)
+            _advance(bar, len(rows), f"{rate:.1f} tok/s", last=k == len(blocks) - 1)
     engine.ring.flush()
     if bar is not None:
         bar.close()
@@ -122,6 +128,16 @@ def generate_batch(engine, requests, *, bucket: bool = True, strict: bool = Fals
     if not ctx.first or on_records:
         return None
     return [public(r) for r in sorted(collected, key=lambda r: r["_index"])]
+
+
+def _advance(bar: tqdm, rows: int, postfix: str, last: bool) -> None:
+    """Count a finished block on the bar, drawing it once: the last block's count is drawn by the
+    bar's `close` (a relayed stderr, as under mpirun, shows every draw as a line of its own)."""
+    bar.set_postfix_str(postfix, refresh=False)
+    if last:
+        bar.n += rows
+    else:
+        bar.update(rows)
 
 
 def _prepare(engine, requests, options, bucket, strict, done, info: BatchInfo) -> dict:
@@ -145,6 +161,7 @@ def _prepare(engine, requests, options, bucket, strict, done, info: BatchInfo) -
             if strict:
                 raise FlexGenError(f"request {r.index}{_named(r)}: {e}") from None
             errors.append((r, str(e)))
+            info.first_error = info.first_error or f"request {r.index}{_named(r)}: {e}"
     info.errors = len(errors)
     info.max_prompt_len = max((len(it.ids) for it in items), default=0)
     block = engine.micro_batches * engine.policy.block_size

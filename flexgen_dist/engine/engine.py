@@ -79,10 +79,7 @@ class Engine:
         """Build the engine for this rank. `options` are `EngineConfig` fields (offload_dir, dtype,
         dummy_weights, seed, stage_layers, micro_batches, prefill_chunks, comm_device, comm_timeout) and override
         `config`. `dist` (from `flexgen_dist.dist.group.init`) makes this rank one pipeline stage."""
-        config = make(EngineConfig, {**vars(config or EngineConfig()), **options}, "Engine.from_pretrained")
-        for name in ("micro_batches", "prefill_chunks"):
-            if getattr(config, name) is not None and getattr(config, name) < 1:
-                raise FlexGenError(f"{name} must be at least 1, got {getattr(config, name)}")
+        config = make(EngineConfig, {**vars(config or EngineConfig()), **options}, "Engine.from_pretrained").validate()
         ctx = dist or DistContext()
         policy = (policy or Policy()).validate()
         devices = Devices.detect(policy.pin_weight)

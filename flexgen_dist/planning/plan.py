@@ -100,8 +100,8 @@ def model_spec(name_or_path: str):
 
 
 def check_workload(prompt_len: int, gen_len: int, num_prompts: int | None) -> None:
-    """What `run` refuses, the planner refuses too, one line each (run words --gen-len's through
-    GenerationConfig.validate and checks --prompt-len only for synthetic prompts)."""
+    """What `run` refuses, the planner refuses too, in the same words (`run` checks --gen-len
+    through GenerationConfig.validate, and --prompt-len only for synthetic prompts)."""
     for flag, value in (("--prompt-len", prompt_len), ("--gen-len", gen_len), ("--num-prompts", num_prompts)):
         if value is not None and value < 1:
             raise FlexGenError(f"{flag} must be at least 1, got {value}")
@@ -155,8 +155,8 @@ def plan_run(ctx: DistContext, job: JobConfig, config: PlannerConfig, engine_con
     mine = config.rank_mem[ctx.rank] if config.rank_mem else config.cpu_mem
     if mine is not None:  # the engine's own memory checks hold this rank to it too
         limit_host_memory(int(mine * GiB))
-    workload, num_prompts = (job_workload(job, gen_len, requests, job.tokenizer or model.tokenizer_path)
-                             if ctx.first else (None, 0))
+    workload, num_prompts = (job_workload(job, gen_len, requests, job.tokenizer or model.tokenizer_path,
+                                          spec.max_positions) if ctx.first else (None, 0))
     device = Devices.detect().compute
     dtypes = dtype_candidates(engine_config.dtype, device, spec.hidden_size)
     fixed = {k: getattr(policy, k) for k in given & POLICY_CHOICES}
@@ -192,24 +192,29 @@ def _decide(ctx, spec, ranks, workload, num_prompts, options):
         return e
 
 
-def job_workload(job: JobConfig, gen_len: int, requests, tokenizer_path) -> tuple[Workload, int]:
+def job_workload(job: JobConfig, gen_len: int, requests, tokenizer_path, max_positions: int) -> tuple[Workload, int]:
     """(the lengths to plan for, the number of prompts; 0 = as many as one block holds). With a
-    prompts file, the longest prompt and the largest max_tokens: every block must fit."""
+    prompts file, the longest prompt and the largest max_tokens of the requests that will run
+    (every block must fit): not those the job will answer with an error record."""
     if requests is None:
         return Workload(job.prompt_len, gen_len), job.num_prompts or 0
     tokenizer = None
     if tokenizer_path and any(r.prompt.ids is None for r in requests):
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    longest = 1
+    longest, runs, default_len = 1, 0, gen_len
     for r in requests:
+        if r.error:
+            continue  # answered with an error record, never run
         try:
             ids = r.prompt.ids if r.prompt.ids is not None else encode(r.prompt, tokenizer)
         except (FlexGenError, TypeError, AttributeError):
             continue  # the batch job reports this request's problem itself
-        longest = max(longest, len(ids))
-        gen_len = max(gen_len, int(r.params.get("max_tokens", gen_len) or gen_len))
-    return Workload(longest, gen_len), max(len(requests), 1)
+        new = r.params.get("max_tokens", default_len)
+        if len(ids) + new > max_positions:
+            continue  # too long for the model: an error record too
+        longest, gen_len, runs = max(longest, len(ids)), max(gen_len, new), runs + 1
+    return Workload(longest, gen_len), max(runs, 1)
 
 
 def compare(planned: Planned, engine, stages: list[dict]) -> dict:
