@@ -68,12 +68,12 @@ def prompt_from_object(path: str, line_no: int, obj, index: int) -> Prompt:
         return Prompt(index, ids=ids)
     messages = obj.get("messages") if isinstance(obj, dict) else None
     if messages is not None:
-        return Prompt(index, messages=_checked_messages(path, line_no, messages))
+        return Prompt(index, messages=checked_messages(path, line_no, messages))
     raise FlexGenError(f"{path} line {line_no}: needs a 'prompt' string, a non-empty 'input_ids' list of integers "
                        "or a 'messages' list")
 
 
-def _checked_messages(path: str, line_no: int, messages) -> list[dict]:
+def checked_messages(path: str, line_no: int, messages) -> list[dict]:
     ok = isinstance(messages, list) and messages and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
     if not ok:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..core.config import RowParams
 from ..core.errors import FlexGenError
-from .prompts import Prompt, _checked_messages, prompt_from_object, prompt_lines
+from .prompts import Prompt, checked_messages, prompt_from_object, prompt_lines
 
 URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 
@@ -112,7 +112,7 @@ def _openai_request(obj: dict, index: int, carry: dict) -> Request:
 def _body_prompt(body: dict, kind: str, index: int) -> Prompt:
     if kind == "chat":
         try:
-            return Prompt(index, messages=_checked_messages("body", 0, body.get("messages")))
+            return Prompt(index, messages=checked_messages("body", 0, body.get("messages")))
         except FlexGenError:
             raise RequestError("'messages' must be a non-empty list of {\"role\", \"content\"} objects with string values") from None
     prompt = body.get("prompt")

@@ -25,7 +25,7 @@ from ..models.base import WeightSpec
 from ..models.checkpoint import ResolvedModel
 from ..system.io import DamagedFile, padded, read_file, write_file
 from ..system.limits import require_disk_space
-from ..system.workdir import _is_own_dir, create_new, open_lock, private_dir
+from ..system.workdir import create_new, is_own_dir, open_lock, private_dir
 from .devices import nbytes
 
 MANIFEST = "manifest.json"
@@ -299,7 +299,7 @@ def remove_unused_versions(base: str, keep: str) -> None:
     """Delete the versions of store `base` other than `keep` that no job reads. The caller holds
     the store's convert lock, so no reader can take a version while it is being removed."""
     for _, _, path in store_versions(base):
-        if path == keep or not _is_own_dir(path):
+        if path == keep or not is_own_dir(path):
             continue
         try:
             fd = open_lock(os.path.join(path, READERS))

@@ -201,7 +201,7 @@ def _stop(number: int) -> None:
 PRIVATE_DIR_MODE = 0o700  # directories the engine creates: nobody else may list or plant files there
 
 
-def _is_own_dir(path: str) -> bool:
+def is_own_dir(path: str) -> bool:
     try:
         st = os.lstat(path)
     except OSError:
