@@ -202,6 +202,7 @@ PRIVATE_DIR_MODE = 0o700  # directories the engine creates: nobody else may list
 
 
 def is_own_dir(path: str) -> bool:
+    """Whether `path` is a directory (not a link to one) that this user owns."""
     try:
         st = os.lstat(path)
     except OSError:
