@@ -41,8 +41,13 @@ def test_text_prompts_end_to_end(ckpt, tmp_path):
     assert records[0]["text"] == tok.decode(api[0], skip_special_tokens=True)
     metrics = json.loads(log.read_text().splitlines()[-1])
     assert metrics["generated_tokens"] == 18 and metrics["total_throughput"] > 0
-    code, _, _ = run_cli(*args)  # the log is appended to, and the converted store is reused
+    # a new job (another output) appends to the log and reuses the converted store; a rerun of the
+    # finished job generates nothing and so logs nothing
+    again = [tmp_path / "out2.jsonl" if a == out else a for a in args]
+    code, _, _ = run_cli(*again)
     assert code == 0 and len(log.read_text().splitlines()) == 2
+    code, stdout, _ = run_cli(*args)
+    assert code == 0 and "nothing to generate" in stdout and len(log.read_text().splitlines()) == 2
 
 
 def test_jsonl_ids_stop_and_order(ckpt, tmp_path):
