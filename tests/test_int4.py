@@ -93,7 +93,7 @@ def test_few_rows_use_the_kernel_and_many_dequantize(rows, monkeypatch):
     b = torch.randn(96, generator=g)
     x = torch.randn(1, rows, 128, generator=g)
     calls, original = [], int4.int4_mm
-    monkeypatch.setattr(probe, "int4_mm", lambda x, w: calls.append(x.shape) or original(x, w))
+    monkeypatch.setattr(int4, "int4_mm", lambda x, w: calls.append(x.shape) or original(x, w))
     y = kernels.linear(x, w, b)
     assert y.shape == (1, rows, 96)
     torch.testing.assert_close(y, x @ dequantize_int4(w).T + b, atol=1e-4, rtol=1e-4)
@@ -111,7 +111,7 @@ def _store(root, monkeypatch, block: int | None = None) -> TensorStore:
     """A float32 4-bit store of one compressible weight, converted on a CPU whose kernel reads
     `block`-row blocks (forced; None: this CPU's own)."""
     if block is not None:
-        monkeypatch.setattr(probe, "int4_cpu_block", lambda: block)
+        monkeypatch.setattr(int4, "int4_cpu_block", lambda: block)
     store = TensorStore(str(root), _Source.fingerprint, torch.float32, CompressionConfig(4, 32))
     store.ensure([WeightSpec("w", "w", (200, 128), compressible=True, linear=True)], _Source(), progress=False)
     return store
@@ -196,7 +196,7 @@ def test_each_cpu_kinds_int4_layout_has_a_store_directory_of_its_own(tmp_path, m
     model = SimpleNamespace(store_key="m", source=SimpleNamespace(fingerprint="test:dirs"))
 
     def root(block: int, compress: bool) -> str:
-        monkeypatch.setattr(probe, "int4_cpu_block", lambda: block)
+        monkeypatch.setattr(int4, "int4_cpu_block", lambda: block)
         return open_store(str(tmp_path), model, torch.float32, Policy(compress_weight=compress)).root
     packed = [root(block, True) for block in int4.BLOCKS]
     assert packed[0].endswith("-b64") and packed[1].endswith("-b32")
@@ -224,7 +224,7 @@ def test_bf16_packed_run_matches_the_dequantized_run(opt_checkpoint, tmp_path, m
     calls = count_int4_products(monkeypatch)
     fed = []
     original_mm = int4.int4_mm
-    monkeypatch.setattr(probe, "int4_mm", lambda x, w: fed.append(w.scales_zeros.dtype) or original_mm(x, w))
+    monkeypatch.setattr(int4, "int4_mm", lambda x, w: fed.append(w.scales_zeros.dtype) or original_mm(x, w))
 
     def run(packed: bool, force=None):
         clear = _force_int4(monkeypatch, feed if packed else False)
