@@ -43,15 +43,16 @@ def timed(fn, device: torch.device, seconds: float = 1.0) -> float:
                 return (time.perf_counter() - t0) / calls
 
 
-def weights(shape, device: torch.device, dtype: torch.dtype, stream_bytes: float):
-    """Copies of one random weight shape, quantized on `device`: (int4 in the kernel's form, dense)."""
+def weights(shape, device: torch.device, dtype: torch.dtype, fed: torch.dtype, stream_bytes: float):
+    """Copies of one random weight shape, quantized on `device`: (int4 in the form the kernel reads
+    fed `fed` activations, dense)."""
     n, k = shape
     g = torch.Generator(device).manual_seed(0)
     packed, dense = [], []
     for _ in range(max(2, int(stream_bytes // (n * k * dtype.itemsize)))):
         w = quantize_int4((torch.randn(n, k, generator=g, device=device) * 0.02).to(dtype), 64)
         dense.append(dequantize_int4(w))
-        packed.append(int4_for_device(w, device))
+        packed.append(int4_for_device(w, device, fed))
     return packed, dense
 
 
@@ -86,13 +87,13 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     dtype = getattr(torch, args.dtype)
-    choice = probe.int4_choice(device.type, dtype)
+    choice = probe.int4_choice(device.type, dtype, False)  # --dtype as given: fed it, never lower
     if not choice.use:
         raise SystemExit(f"error: the engine would not use an int4 kernel on {device} for {args.dtype}: {choice.reason}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     for model in args.models.split(","):
         for shape in SHAPES[model]:
-            packed, dense = weights(shape, device, dtype, args.stream_gib * 2**30)
+            packed, dense = weights(shape, device, dtype, choice.activations, args.stream_gib * 2**30)
             for rows in map(int, args.rows.split(",")):
                 row = {"device": name, "torch": torch.__version__, "model": model, "dtype": args.dtype,
                        "int4_path": choice.reason, **measure(packed, dense, rows, device)}

@@ -146,7 +146,7 @@ def int4_mode(request, monkeypatch):
     if request.param == "packed":
         from flexgen_dist.kernels import probe
         device = "cuda" if torch.cuda.is_available() else "cpu"  # where the engine computes
-        choice = probe.int4_choice(device, torch.float32)  # these tests compute in float32
+        choice = probe.int4_choice(device, torch.float32, False)  # these tests ask for float32
         if not choice.use:  # tinygemm takes bf16 activations only: the engine dequantizes there
             clear()
             pytest.skip(f"no packed int4 product for float32 on {device}: {choice.reason}")

@@ -31,7 +31,7 @@ def test_layout_is_the_one_the_cpu_conversion_op_writes(rows):
     block = int4.int4_cpu_block()
     assert block in int4.BLOCKS
     assert torch.equal(_to_layout(codes, block), expected)
-    stored = Int4Weight(_to_layout(codes), torch.zeros(4, rows, 2), (rows, 256), 64)
+    stored = Int4Weight(_to_layout(codes), torch.zeros(4, rows, 2), (rows, 256), 64, torch.float32)
     assert torch.equal(int4.to_block(stored, block).data, expected)
 
 
@@ -145,12 +145,12 @@ def test_a_disk_homed_weight_reaches_the_kernel_as_read(tmp_path, monkeypatch):
     from conftest import _force_int4
     clear = _force_int4(monkeypatch, "bf16")
     try:
-        if not probe.int4_choice("cpu", torch.float32).use:
+        if not probe.int4_choice("cpu", torch.float32, True).use:
             pytest.skip("no int4 kernel fed bf16 on this CPU")
         store = _store(tmp_path / "w", monkeypatch)
         try:
             w = store.read("w")
-            assert kernels.int4_for_device(w, torch.device("cpu")) is w
+            assert kernels.int4_for_device(w, torch.device("cpu"), torch.bfloat16) is w
         finally:
             store.close()
     finally:
@@ -206,13 +206,14 @@ def test_each_cpu_kinds_int4_layout_has_a_store_directory_of_its_own(tmp_path, m
 def test_cuda_form_cannot_be_dequantized():
     w = quantize_int4(torch.randn(64, 64), 32)
     with pytest.raises(ValueError, match="cuda form"):
-        dequantize_int4(Int4Weight(w.data, w.scales_zeros, w.shape, 32, form="cuda"))
+        dequantize_int4(Int4Weight(w.data, w.scales_zeros, w.shape, 32, w.dtype, form="cuda"))
 
 
 @pytest.mark.parametrize("dtype, feed", [("bfloat16", "1"), ("float32", "bf16")])
 def test_bf16_packed_run_matches_the_dequantized_run(opt_checkpoint, tmp_path, monkeypatch, dtype, feed):
     """With the kernel fed bf16 activations, in a bf16 model (where the int4 kernels are fast;
-    tinygemm on a GPU takes nothing else) or a float32 one (the choice on an AVX2-only CPU),
+    tinygemm on a GPU takes nothing else) or a float32 one that --dtype auto chose (only auto
+    allows the bf16 feed, the choice on an AVX2-only CPU),
     multiplying from the codes gives the logits dequantize + dense gives, to bf16 rounding, at
     every step of the same token sequence (the packed run is fed the dense run's tokens), and the
     same choice wherever the dense choice is not a near-tie (on an H200 one row of this tiny random
@@ -226,13 +227,18 @@ def test_bf16_packed_run_matches_the_dequantized_run(opt_checkpoint, tmp_path, m
     original_mm = int4.int4_mm
     monkeypatch.setattr(int4, "int4_mm", lambda x, w: fed.append(w.scales_zeros.dtype) or original_mm(x, w))
 
+    if dtype == "float32":  # auto, made to choose float32
+        monkeypatch.setenv(probe.BF16_ENV, "0")
+
     def run(packed: bool, force=None):
         clear = _force_int4(monkeypatch, feed if packed else False)
         before = len(calls)
         engine = Engine.from_pretrained(path, policy=Policy(compress_weight=True, gpu_batch_size=5),
-                                        offload_dir=tmp_path / str(packed), dtype=dtype)
+                                        offload_dir=tmp_path / str(packed),
+                                        dtype="auto" if dtype == "float32" else dtype)
         try:
-            if packed and not kernels.use_int4(engine.devices.compute, engine.dtype):
+            assert engine.dtype == getattr(torch, dtype)
+            if packed and not engine.executor.int4.use:
                 pytest.skip(f"no int4 kernel fed bf16 for {dtype} on {engine.devices.compute}")
             ids, logits = engine.generate(PROMPTS, max_new_tokens=8, return_logits=True, force_tokens=force)
             return ids, logits, calls[before:]
@@ -260,4 +266,4 @@ def test_rows_taken_from_the_packed_form_are_the_dequantized_rows():
     assert got.shape == (2, 4, 128) and got.dtype == torch.bfloat16
     assert torch.equal(got, dequantize_int4(w)[ids])
     with pytest.raises(ValueError, match="cuda form"):
-        kernels.embedding(ids, Int4Weight(w.data, w.scales_zeros, w.shape, 32, form="cuda"))
+        kernels.embedding(ids, Int4Weight(w.data, w.scales_zeros, w.shape, 32, w.dtype, form="cuda"))

@@ -156,28 +156,51 @@ def test_int4_choice_follows_the_measurement(monkeypatch):
     measured = {}
     monkeypatch.setattr(probe, "int4_speedups", lambda dtype, feeds: [measured[f] for f in feeds])
     measured.update({torch.float32: 0.5, torch.bfloat16: 0.9})
-    assert not probe.int4_choice("cpu", torch.float32).use
+    assert not probe.int4_choice("cpu", torch.float32, True).use
     probe.int4_choice.cache_clear()
     measured.update({torch.float32: 4.0, torch.bfloat16: 0.9})
-    choice = probe.int4_choice("cpu", torch.float32)
+    choice = probe.int4_choice("cpu", torch.float32, True)
     assert choice.use and choice.activations == torch.float32 and choice.reason.endswith("4.0x faster "
                                                                                         "than dequantize + dense for a decode step")
     probe.int4_choice.cache_clear()
     measured.update({torch.float32: 0.1, torch.bfloat16: 5.0})
-    choice = probe.int4_choice("cpu", torch.float32)
+    choice = probe.int4_choice("cpu", torch.float32, True)
     assert choice.use and choice.activations == torch.bfloat16 and "5.0x faster" in choice.reason
     assert "fed bfloat16 activations" in choice.reason
-    assert not probe.int4_choice("mps", torch.float32).use  # no kernel wired for that device
+    assert not probe.int4_choice("mps", torch.float32, True).use  # no kernel wired for that device
+
+
+def test_an_explicit_dtype_is_never_fed_lower(monkeypatch):
+    """Asked for float32, the kernel is tried fed float32 only: used where that feed pays, else not
+    at all (even where a bf16 feed would pay, or FLEXGEN_INT4=bf16 asks for one); auto may lower it."""
+    tried = []
+    measured = {torch.float32: 3.0, torch.bfloat16: 6.0}
+    monkeypatch.setattr(probe, "int4_speedups", lambda dtype, feeds: tried.append(feeds) or [measured[f] for f in feeds])
+    choice = probe.int4_choice("cpu", torch.float32, False)
+    assert tried == [[torch.float32]] and choice.use and choice.activations == torch.float32
+    assert choice.reason == "3.0x faster than dequantize + dense for a decode step, fed float32 activations as --dtype float32 asks"
+    assert probe.int4_choice("cpu", torch.float32, True).activations == torch.bfloat16
+    measured[torch.float32] = 0.05  # an AVX2-only CPU's float32 int4 product
+    probe.int4_choice.cache_clear()
+    choice = probe.int4_choice("cpu", torch.float32, False)
+    assert not choice.use and choice.activations is None and "0.05x" in choice.reason
+    monkeypatch.setenv(probe.INT4_ENV, "bf16")
+    probe.int4_choice.cache_clear()
+    choice = probe.int4_choice("cpu", torch.float32, False)
+    assert not choice.use and choice.reason == "FLEXGEN_INT4=bf16 asks for bf16 activations, which --dtype float32 does not allow"
+    assert probe.resolve_dtype("float32", torch.device("cpu"), 64).requested == "float32"
+    assert not probe.resolve_dtype(torch.float32, torch.device("cpu"), 64).lower_feed_ok
 
 
 def test_int4_forced_feeds(monkeypatch):
     """FLEXGEN_INT4=1 keeps a float32 model's own (exact) feed; =bf16 feeds bf16 activations."""
     monkeypatch.setenv(probe.INT4_ENV, "1")
-    assert probe.int4_choice("cpu", torch.float32).activations == torch.float32
+    assert probe.int4_choice("cpu", torch.float32, True).activations == torch.float32
     monkeypatch.setenv(probe.INT4_ENV, "bf16")
     probe.int4_choice.cache_clear()
-    choice = probe.int4_choice("cpu", torch.float32)
-    assert choice.activations == torch.bfloat16 and choice.reason == "forced by FLEXGEN_INT4=bf16, fed bfloat16 activations"
+    choice = probe.int4_choice("cpu", torch.float32, True)
+    assert choice.activations == torch.bfloat16 and choice.reason == ("forced by FLEXGEN_INT4=bf16, fed bfloat16 "
+                                                                           "activations, which --dtype auto allows")
 
 
 def test_int4_kernel_reading_an_unknown_layout_is_not_used(monkeypatch):
@@ -187,7 +210,7 @@ def test_int4_kernel_reading_an_unknown_layout_is_not_used(monkeypatch):
     int4.int4_cpu_block.cache_clear()
     monkeypatch.setenv(probe.INT4_ENV, "1")
     try:
-        choice = probe.int4_choice("cpu", torch.float32)
+        choice = probe.int4_choice("cpu", torch.float32, True)
     finally:
         int4.int4_cpu_block.cache_clear()
     assert not choice.use and choice.reason == "the int4 kernel reads a layout this engine does not write"

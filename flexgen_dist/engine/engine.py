@@ -14,7 +14,7 @@ from ..core.types import Tier, dtype_name
 from ..dist.group import DistContext, broadcast, launcher_stderr_is_terminal
 from ..dist.ring import Ring
 from ..kernels.linear import describe, describe_int4
-from ..kernels.probe import DtypeChoice, resolve_dtype
+from ..kernels.probe import DtypeChoice, choose_int4, resolve_dtype
 from ..models import family_of
 from ..models.checkpoint import ResolvedModel, resolve_model
 from ..runtime.block import BlockRun, left_pad
@@ -66,7 +66,7 @@ class Engine:
         self.kernels = {"dtype": dtype_name(self.dtype), "dtype_reason": dtype.reason,
                         "linear": describe(devices.compute, self.dtype)}
         if policy.compress_weight:
-            self.kernels["compressed_linear"] = describe_int4(devices.compute, self.dtype)
+            self.kernels["compressed_linear"] = describe_int4(devices.compute, executor.int4)
         self.last_stats = GenerationStats()
         self.last_stop: list[int] = []
         self.last_batch = None  # what the last generate_batch did (batch.BatchInfo)
@@ -99,7 +99,8 @@ class Engine:
         store.ensure([w for layer in layers for w in layer.weights], model.source, progress=watched(ctx))
         work_dir = open_work_dir(os.path.join(offload_dir, "work"))
         try:
-            executor = LocalExecutor(layers, store, policy, devices, choice.dtype, work_dir)
+            int4 = choose_int4(devices.compute, choice) if policy.compress_weight else None  # once per engine
+            executor = LocalExecutor(layers, store, policy, devices, choice.dtype, work_dir, int4)
         except BaseException:
             remove_work_dir(work_dir)
             store.close()

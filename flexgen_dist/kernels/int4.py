@@ -53,12 +53,9 @@ class Int4Weight:
     scales_zeros: torch.Tensor
     shape: tuple[int, int]
     group_size: int
+    dtype: torch.dtype  # of the dense weight (never inferred from the scales: a float32 weight's are bf16)
     form: str = "cpu"
-    dtype: torch.dtype | None = None  # of the dense weight; None: that of the scales
     block_n: int = BLOCK_N  # rows per block of the CPU layout `data` is in
-
-    def __post_init__(self):
-        self.dtype = self.dtype or self.scales_zeros.dtype
 
     @property
     def nbytes(self) -> int:
@@ -248,8 +245,9 @@ def _int4_op(device_type: str, which: int):
 
 def int4_mm(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     """x (rows, K) @ w.T from an Int4Weight's packed codes: (rows, padded N) in x's dtype. The
-    kernel is fed activations of the dtype of w's scales (bf16 for a float32 model on a CPU whose
-    float32 int4 product is slow)."""
+    kernel is fed activations of the dtype of w's scales, which `kernels.int4_for_device` set to
+    the feed the engine chose once (`probe.int4_choice`: the model's dtype unless --dtype auto let
+    a float32 model's kernel be fed bf16)."""
     fed = w.scales_zeros.dtype
     return _int4_op(w.form, 1)(x.to(fed), w.data, w.group_size, w.scales_zeros).to(x.dtype)
 

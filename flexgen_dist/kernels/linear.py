@@ -6,7 +6,8 @@ once at placement, where the probe found the packing op works on this CPU, and `
 dispatches on whether it got a packed weight.
 
 Compressed matmul weights arrive as `Int4Weight`s where the probe found an int4 kernel that works
-and pays here (`probe.int4_choice`): a decode step multiplies from the 4-bit codes, never
+and pays here, fed the model's dtype unless --dtype auto allows a lower one (`probe.int4_choice`,
+decided once per engine): a decode step multiplies from the 4-bit codes, never
 materialising the dense weight; a step with many rows (prefill) dequantizes and multiplies dense,
 which is faster there (benchmark/RESULTS.md, "Packed int4 weights").
 """
@@ -34,17 +35,11 @@ def pack_linear_weight(w: torch.Tensor, rows_hint: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w, rows_hint)
 
 
-def use_int4(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether compressed linear weights stay packed for an int4 kernel on `device`."""
-    return probe.int4_choice(device.type, dtype).use
-
-
-def int4_for_device(w: Int4Weight, device: torch.device) -> Int4Weight:
+def int4_for_device(w: Int4Weight, device: torch.device, fed: torch.dtype) -> Int4Weight:
     """`w` moved to `device`, in the form its int4 kernel reads, converted here once per placement
     or load: the CPU layout of this CPU's kernel (already the store's), tinygemm's form on a
-    GPU; scales and zeros in the dtype of the activations the kernel is fed (bf16 ones for a float32
-    model on some CPUs)."""
-    fed = probe.int4_choice(device.type, w.dtype).activations or w.dtype
+    GPU; scales and zeros in `fed`, the dtype of the activations the kernel is fed (the engine's
+    `Int4Choice.activations`: a float32 model's are bf16 only where --dtype auto chose that)."""
     cpu_ready = device.type == "cpu" and w.block_n == int4.int4_cpu_block()
     if w.device == device and w.scales_zeros.dtype == fed and (cpu_ready or w.form == "cuda"):
         return w  # already there: the resident weight itself, so the executor counts no copy
@@ -108,9 +103,10 @@ def describe(device: torch.device, dtype: torch.dtype) -> str:
     return "F.linear"
 
 
-def describe_int4(device: torch.device, dtype: torch.dtype) -> str:
-    """What compressed linear weights do, for the run report."""
-    choice = probe.int4_choice(device.type, dtype)
+def describe_int4(device: torch.device, choice: probe.Int4Choice | None) -> str:
+    """What compressed linear weights do under the engine's `choice`, for the run report."""
+    if choice is None:
+        return "dequantize + dense"
     if not choice.use:
         return f"dequantize + dense ({choice.reason})"
     tail = f", dequantize + dense above {INT4_MAX_ROWS} rows" if device.type == "cpu" else ""

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..core.errors import FlexGenError
 from ..core.timing import typical_times
-from ..core.types import DTYPES
+from ..core.types import DTYPES, dtype_name
 from .int4 import (
     _INT4_OPS,
     dequantize_int4,
@@ -70,11 +70,20 @@ PROBE_SAMPLES = 7
 
 @dataclass(frozen=True)
 class DtypeChoice:
-    """The compute dtype and why: `bf16_vs_fp32` is fp32 time / bf16 time (None if not measured)."""
+    """The compute dtype and why: `bf16_vs_fp32` is fp32 time / bf16 time (None if not measured).
+    `requested` is what the user asked for: "auto" (the probe's choice, which also lets a kernel
+    be fed a lower precision than `dtype` where that is faster), or the dtype's name (then every
+    kernel computes in `dtype`)."""
 
     dtype: torch.dtype
     reason: str
     bf16_vs_fp32: float | None = None
+    requested: str = "auto"
+
+    @property
+    def lower_feed_ok(self) -> bool:
+        """Whether a kernel may be fed activations of lower precision than `dtype`."""
+        return self.requested == "auto"
 
 
 def _forced(name: str) -> bool | None:
@@ -269,51 +278,80 @@ def int4_speedups(dtype: torch.dtype, feeds: list[torch.dtype]) -> list[float]:
     return [dense_s / best.get(i, first[i]) for i in range(len(feeds))]
 
 
-def _int4_feeds(device_type: str, dtype: torch.dtype, forced: bool | str | None) -> list[torch.dtype]:
-    """The activation dtypes to try the kernel with: the model's, and bf16 for a float32 model on
-    a CPU; FLEXGEN_INT4=1 keeps the model's (exact), =bf16 only bf16."""
+def _int4_feeds(device_type: str, dtype: torch.dtype, forced: bool | str | None,
+                lower_feed_ok: bool) -> list[torch.dtype]:
+    """The activation dtypes to try the kernel with: the model's, and, where a lower feed is
+    allowed (--dtype auto), bf16 for a float32 model on a CPU; FLEXGEN_INT4=1 keeps the model's
+    (exact), =bf16 only bf16 (none where the model's dtype is another and was asked for)."""
     if forced == "bf16":
-        return [torch.bfloat16]
-    if forced is None and device_type == "cpu" and dtype == torch.float32:
+        return [torch.bfloat16] if lower_feed_ok or dtype == torch.bfloat16 else []
+    if forced is None and lower_feed_ok and device_type == "cpu" and dtype == torch.float32:
         return [dtype, torch.bfloat16]
     return [dtype]
 
 
-def _fed(dtype: torch.dtype, fed: torch.dtype) -> str:
-    return "" if fed == dtype else f", fed {str(fed).split('.')[-1]} activations"
+def _fed(dtype: torch.dtype, fed: torch.dtype, lower_feed_ok: bool) -> str:
+    """What the kernel is fed, for the reason: said where it is not simply the model's dtype, or
+    where it is a float32 feed only because --dtype float32 was asked for."""
+    if fed != dtype:
+        return f", fed {dtype_name(fed)} activations, which --dtype auto allows"
+    if not lower_feed_ok and dtype == torch.float32:
+        return ", fed float32 activations as --dtype float32 asks"
+    return ""
 
 
-@functools.lru_cache(maxsize=None)
-def int4_choice(device_type: str, dtype: torch.dtype) -> Int4Choice:
-    """Packed int4 matmul where the kernel exists, runs fed `dtype` activations (or, for float32 on
-    a CPU, bf16 ones), matches the dequantized product and (on a CPU, unless FLEXGEN_INT4=1 or
-    bf16) beats dequantize + dense for a decode step; of two feeds that do, the faster."""
-    env = os.environ.get(INT4_ENV, "").lower()
-    forced = "bf16" if env == "bf16" else _forced(INT4_ENV) if env else None
+def _int4_settled(device_type: str, forced) -> Int4Choice | None:
+    """The answer where no trial is needed: forced off, or no kernel for the device."""
     if forced is False:
         return Int4Choice(False, f"forced by {INT4_ENV}={os.environ[INT4_ENV]}")
     if device_type not in _INT4_OPS or not hasattr(torch.ops.aten, _INT4_OPS[device_type][1]):
         return Int4Choice(False, f"this PyTorch has no int4 kernel for {device_type}")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def int4_choice(device_type: str, dtype: torch.dtype, lower_feed_ok: bool) -> Int4Choice:
+    """Packed int4 matmul where the kernel exists, runs fed `dtype` activations (or, for float32 on
+    a CPU where `lower_feed_ok`, i.e. --dtype auto, bf16 ones), matches the dequantized product
+    and (on a CPU, unless FLEXGEN_INT4=1 or bf16) beats dequantize + dense for a decode step; of
+    two feeds that do, the faster. An explicit dtype is never lowered: the kernel is fed it, or
+    not used."""
+    env = os.environ.get(INT4_ENV, "").lower()
+    forced = "bf16" if env == "bf16" else _forced(INT4_ENV) if env else None
+    settled = _int4_settled(device_type, forced)
+    if settled is not None:
+        return settled
+    tried = _int4_feeds(device_type, dtype, forced, lower_feed_ok)
+    if not tried:
+        return Int4Choice(False, f"{INT4_ENV}=bf16 asks for bf16 activations, which --dtype {dtype_name(dtype)} "
+                                 "does not allow")
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-    failures = {fed: _int4_matches(device, dtype, fed) for fed in _int4_feeds(device_type, dtype, forced)}
+    failures = {fed: _int4_matches(device, dtype, fed) for fed in tried}
     feeds = [fed for fed, why_not in failures.items() if why_not is None]
     if not feeds:
         return Int4Choice(False, next(iter(failures.values())))
     if forced:
-        return Int4Choice(True, f"forced by {INT4_ENV}={os.environ[INT4_ENV]}{_fed(dtype, feeds[0])}", feeds[0])
+        return Int4Choice(True, f"forced by {INT4_ENV}={os.environ[INT4_ENV]}{_fed(dtype, feeds[0], lower_feed_ok)}", feeds[0])
     if device_type == "cuda":
         return Int4Choice(True, "tinygemm int4 kernel", feeds[0])
     speedup, fed = max(zip(int4_speedups(dtype, feeds), feeds), key=lambda pair: pair[0])
     if speedup > 1.1:
-        return Int4Choice(True, f"{speedup:.1f}x faster than dequantize + dense for a decode step{_fed(dtype, fed)}", fed)
-    return Int4Choice(False, f"int4 kernel only {speedup:.2f}x the speed of dequantize + dense here")
+        return Int4Choice(True, f"{speedup:.1f}x faster than dequantize + dense for a decode step{_fed(dtype, fed, lower_feed_ok)}", fed)
+    return Int4Choice(False, f"int4 kernel only {speedup:.2f}x the speed of dequantize + dense here"
+                             f"{_fed(dtype, fed, lower_feed_ok)}")
+
+
+def choose_int4(device: torch.device, dtype: DtypeChoice) -> Int4Choice:
+    """How an engine computing in `dtype` on `device` multiplies its compressed linear weights:
+    decided once per engine (the executor keeps the answer, the run's summary reports it)."""
+    return int4_choice(device.type, dtype.dtype, dtype.lower_feed_ok)
 
 
 def resolve_dtype(dtype, device: torch.device, dim: int) -> DtypeChoice:
     """`auto` (or None) asks the probe; an explicit dtype is used as given, with a one-line
     warning where bf16 is requested on a CPU that has no fast bf16 path."""
     if isinstance(dtype, torch.dtype):
-        return DtypeChoice(dtype, "requested")
+        return DtypeChoice(dtype, "requested", requested=dtype_name(dtype))
     if dtype in (None, "auto"):
         return choose_dtype(device, dim)
     if dtype not in DTYPES:
@@ -322,7 +360,7 @@ def resolve_dtype(dtype, device: torch.device, dim: int) -> DtypeChoice:
         message = slow_bf16_warning(dim)
         if message:
             print(message, file=sys.stderr)
-    return DtypeChoice(DTYPES[dtype], "requested")
+    return DtypeChoice(DTYPES[dtype], "requested", requested=dtype)
 
 
 def dtype_candidates(requested: str | None, device: torch.device, dim: int = 2048) -> tuple[torch.dtype, ...]:

@@ -23,8 +23,8 @@ from ..kernels.linear import (
     int4_for_device,
     pack_linear_weight,
     release_dense_buffers,
-    use_int4,
 )
+from ..kernels.probe import Int4Choice
 from ..kernels.quantize import CompressedTensor
 from ..models.base import Layer, StepInputs
 from ..storage.activations import ActivationStore
@@ -65,9 +65,13 @@ class Timers:
 
 
 class LocalExecutor:
+    """`int4`: how compressed linear weights are multiplied (the engine's one decision, see
+    `probe.choose_int4`); None (or not `use`): dequantized, then dense."""
+
     def __init__(self, layers: list[Layer], store: WeightSource, policy: Policy, devices: Devices,
-                 dtype: torch.dtype, work_dir: str):
+                 dtype: torch.dtype, work_dir: str, int4: Int4Choice | None = None):
         self.layers, self.policy, self.devices, self.dtype, self.work_dir = layers, policy, devices, dtype, work_dir
+        self.int4 = int4
         share_one_allocator_arena()
         self.homes = self._place_weights(store)
         self._slabs = self._read_slabs(store)
@@ -100,12 +104,13 @@ class LocalExecutor:
         # a tensor also looked up (a tied embedding) stays packed only where rows can be taken from
         # the packed form (a CPU's layout); tinygemm's GPU form cannot, so there it is dequantized
         lookup_ok = only_linear or self.devices.compute.type == "cpu"
-        home.keep_int4 = lookup_ok and self.policy.compress_weight and use_int4(self.devices.compute, self.dtype)
+        packed = lookup_ok and self.policy.compress_weight and self.int4 is not None and self.int4.use
+        home.int4_feed = self.int4.activations if packed else None
         if tier is not Tier.DISK:
             value = store.read(name)
             device = self.devices.device_of(tier)
-            if isinstance(value, Int4Weight) and home.keep_int4 and device == self.devices.compute:
-                home.value = int4_for_device(value, device)  # in the kernel's form once, not per step
+            if isinstance(value, Int4Weight) and home.int4_feed is not None and device == self.devices.compute:
+                home.value = int4_for_device(value, device, home.int4_feed)  # in the kernel's form once, not per step
                 home.nbytes = home.value.nbytes  # a float32 feed doubles the stored bf16 scales
             elif isinstance(value, (CompressedTensor, Int4Weight)):
                 home.value = value.to(device)

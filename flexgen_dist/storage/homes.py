@@ -38,22 +38,24 @@ class WeightHome:
     nbytes: int
     store: WeightSource
     value: object = None  # resident tensor, CompressedTensor or Int4Weight
-    keep_int4: bool = False  # an Int4Weight reaches the math packed (only for linear-only weights)
+    int4_feed: torch.dtype | None = None  # an Int4Weight reaches the math packed, its kernel fed
+    # activations of this dtype (the engine's one decision; only for linear-only weights); None: dense
 
     def load(self, devices: Devices, alloc=None):
         """This weight on the compute device: decompressed there if it is stored compressed, except
-        an Int4Weight with `keep_int4`, which stays packed; disk reads land in buffers from `alloc`
-        when given (see ReadSlab)."""
+        an Int4Weight with an `int4_feed`, which stays packed; disk reads land in buffers from
+        `alloc` when given (see ReadSlab)."""
         value = self.store.read(self.name, alloc) if self.tier is Tier.DISK else self.value
-        return materialize(value, devices.compute, self.keep_int4)
+        return materialize(value, devices.compute, self.int4_feed)
 
 
-def materialize(value, device: torch.device, keep_int4: bool = False):
+def materialize(value, device: torch.device, int4_feed: torch.dtype | None = None):
     """A plain tensor on `device` from a tensor, a CompressedTensor or an Int4Weight (decompressed
-    on `device`); with `keep_int4`, an Int4Weight in the form `device`'s int4 kernel reads."""
+    on `device`); with an `int4_feed`, an Int4Weight in the form `device`'s int4 kernel reads when
+    fed activations of that dtype."""
     if isinstance(value, Int4Weight):
-        if keep_int4:
-            return int4_for_device(value, device)
+        if int4_feed is not None:
+            return int4_for_device(value, device, int4_feed)
         return dequantize_int4(value.to(device, non_blocking=value.data.is_pinned()))
     if isinstance(value, CompressedTensor):
         return dequantize(value.to(device, non_blocking=value.data.is_pinned()))
