@@ -12,13 +12,14 @@ import re
 import pytest
 import torch
 from conftest import PROMPTS, make_checkpoint, reference_generate
+from llama_checkpoints import make_llama_checkpoint
+from llama_checkpoints import reference_generate as llama_reference
+from test_equivalence import PLACEMENTS
+
 from flexgen_dist import Engine, Policy
 from flexgen_dist.kernels import int4, probe
 from flexgen_dist.kernels.int4 import fake_quantize_weight
 from flexgen_dist.run import main
-from llama_checkpoints import make_llama_checkpoint
-from llama_checkpoints import reference_generate as llama_reference
-from test_equivalence import PLACEMENTS
 
 NEW_TOKENS = 8
 # dequantize + dense time / int4 kernel time for a decode step, per feed of a float32 model
