@@ -18,7 +18,14 @@ from ..kernels.probe import DtypeChoice, resolve_dtype
 from ..models import family_of
 from ..models.checkpoint import ResolvedModel, resolve_model
 from ..runtime.block import BlockRun, left_pad
-from ..runtime.budget import Plan, block_plan, check_disk, check_memory, weight_plan, within
+from ..runtime.budget import (
+    Plan,
+    block_plan,
+    check_disk,
+    check_memory,
+    weight_plan,
+    within,
+)
 from ..runtime.executor import LocalExecutor
 from ..runtime.sampling import generated_length, trim_after_stop
 from ..runtime.stages import stage_range
