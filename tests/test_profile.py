@@ -26,6 +26,7 @@ def profile_files(cache) -> list:
 def test_a_rank_with_fewer_threads_derives_its_compute_rates(monkeypatch, tmp_path):
     monkeypatch.setattr(hardware, "machine_threads", lambda: 4)
     rates = {"matmul float32 any": 8e9, "attention decode float32 2/2x4": 4e9, "copy to compute": 1e10,
+             "token choice 64": 4e9,
              "layer float32 opt 8/16/2/2 mlp decode 1": 0.004, "layer float32 opt 8/16/2/2 mlp decode 8": 0.008}
     whole = hardware.HardwareProfile({}, rates=dict(rates), threads=4)
     quarter = hardware.HardwareProfile({}, rates=dict(rates), threads=1)
@@ -33,6 +34,7 @@ def test_a_rank_with_fewer_threads_derives_its_compute_rates(monkeypatch, tmp_pa
     assert quarter.matmul_rate(torch.float32, 8, 8, 8) == pytest.approx(whole.matmul_rate(torch.float32, 8, 8, 8) / 4)
     assert quarter.rate("attention decode float32 2/2x4") == pytest.approx(1e9)
     assert quarter.rate("copy to compute") == whole.rate("copy to compute")  # a copy is not the cores' share
+    assert quarter.rate("token choice 64", 1e12) == pytest.approx(1e9) and quarter.rate("token choice 9", 5.0) == 5.0
     key = "layer float32 opt 8/16/2/2 mlp decode 0"
     assert quarter.layer_points(key) == [(1, pytest.approx(0.016)), (8, pytest.approx(0.032))]
     assert whole.layer_points(key) == [(1, 0.004), (8, 0.008)]

@@ -118,7 +118,10 @@ class HardwareProfile:
                 return v0 + (rows - r0) / (r1 - r0) * (v1 - v0)
         return points[-1][1]
 
-    def rate(self, key: str) -> float:
+    def rate(self, key: str, default: float | None = None) -> float:
+        """The rate `key` names, for this process's threads (`default` where it was not measured)."""
+        if default is not None and key not in self.rates:
+            return default
         return self.rates[key] * (self.share if key.startswith(COMPUTE_RATES) else 1.0)
 
     def layer_points(self, key: str) -> list[tuple[int, float]]:
