@@ -32,6 +32,14 @@ CONFIGS = [
 # (weights on compute %, gpu batch size, gpu batches): eight hand-written policies per configuration
 GRID = [(100, 8, 1), (100, 32, 1), (100, 8, 4), (100, 64, 1), (50, 8, 4), (50, 32, 2), (0, 16, 4), (0, 64, 1)]
 
+# issue 29's case (opt-1.3b, 2.5 GiB, prompt 32, 16 new tokens): its best hand policy at N and 2N
+# prompts (a policy that ran with N must not be refused with 2N) and the auto plan at both
+ISSUE29 = ("opt-1.3b", "2500M", 32, 16)
+ISSUE29_RUNS = [(64, "auto", ["--policy", "auto"]), (128, "auto", ["--policy", "auto"])] + [
+    (n, f"{name}-b32x2", ["--percent", *percent.split(), "--gpu-batch-size", "32", "--num-gpu-batches", "2",
+                          "--dtype", "bfloat16"])
+    for n in (64, 128) for name, percent in (("w0h30", "0 30 100 0 100 0"), ("w30", "30 0 100 0 100 0"))]
+
 
 def run_one(model: str, limit: str, prompt_len: int, gen_len: int, prompts: int, policy: list[str], offload: str):
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +73,10 @@ def main() -> int:
     p.add_argument("--only", type=int, nargs="*", help="indexes of CONFIGS to run")
     p.add_argument("--auto-only", action="store_true", help="only the --policy auto run of each configuration")
     p.add_argument("--repeat", type=int, default=1, help="runs of the auto plan per configuration (the table takes the median)")
+    p.add_argument("--issue29", action="store_true", help="only issue 29's case (ISSUE29_RUNS)")
     args = p.parse_args()
+    if args.issue29:
+        return run_issue29(args)
     for i, (model, limit, plen, glen, n) in enumerate(CONFIGS):
         if args.only and i not in args.only:
             continue
@@ -80,6 +91,21 @@ def main() -> int:
                 f.write(json.dumps(line) + "\n")
             print(f"{model} {limit} {name}: " + (f"measured {result['measured']:.2f} predicted {result['predicted']:.2f} tok/s"
                                                   if "measured" in result else f"failed: {result.get('error')}"), flush=True)
+    return 0
+
+
+def run_issue29(args) -> int:
+    model, limit, plen, glen = ISSUE29
+    for n, name, policy in ISSUE29_RUNS:
+        result = run_one(model, limit, plen, glen, n, policy, args.offload_dir)
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": "issue29", "model": model, "limit": limit,
+                "prompt_len": plen, "gen_len": glen, "prompts": n, "run": name, **result}
+        with open(args.out, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        print(f"{model} {limit} {n} prompts {name}: " + (
+            f"measured {result['measured']:.2f} predicted {result['predicted']:.2f} tok/s, cgroup peak "
+            f"{result['cgroup']['peak_bytes'] / 2**30:.2f} GiB" if "measured" in result else f"failed: {result.get('error')}"),
+            flush=True)
     return 0
 
 

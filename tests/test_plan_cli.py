@@ -13,6 +13,9 @@ import pytest
 import torch
 from conftest import PROMPTS, make_checkpoint, run_cli
 from flexgen_dist import Engine, auto_policy
+from flexgen_dist.cli import flags
+from flexgen_dist.cli.plan import build_parser as plan_parser
+from flexgen_dist.cli.run import build_parser as run_parser
 from flexgen_dist.models import family_of, spec_from_dir
 from flexgen_dist.planning import measure
 from flexgen_dist.planning import profile as hardware
@@ -177,3 +180,25 @@ def test_budgets_leave_the_code_its_pages_once(source, monkeypatch, tmp_path):
     assert resident > 0
     kept = limits.CODE_RESERVE + (resident if source == "available RAM" else 0)
     assert got == pytest.approx((8 * GiB - kept) / MARGIN, rel=1e-3)
+
+
+def test_plan_takes_the_model_and_workload_flags_of_run(ckpt, tmp_path):
+    """`--dummy-weights` (which `run` needs for a built-in name) and `--prompts` are `plan`'s too:
+    the plan is for the file's requests, the longest prompt and generation among them."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS[:3]))
+    code, out, err = run_plan("--model", ckpt, "--dummy-weights", "--prompts", prompts, "--gen-len", 4,
+                              "--dtype", "float32", "--offload-dir", tmp_path / "off-{rank}")
+    assert code == 0, err
+    longest = max(len(p) for p in PROMPTS[:3])
+    assert f"plan: 3 prompts of {longest}" in out, out
+    assert (tmp_path / "off-0").is_dir()  # {rank} as rank 0 would have it
+
+
+def test_plan_and_run_define_their_shared_flags_once():
+    def shared(parser) -> dict:
+        return {a.dest: (a.option_strings, a.default, a.help, a.type, a.choices) for a in parser._actions
+                if a.dest in flags.SHARED_FIELDS}
+    plan, run = shared(plan_parser()), shared(run_parser())
+    assert set(plan) == set(flags.SHARED_FIELDS) and plan == run
+    assert {"dummy_weights", "prompts", "max_new_tokens", "tokenizer"} <= set(plan)

@@ -27,10 +27,13 @@ from flexgen_dist.planning.optimizer import (
     plan,
     shortfall,
 )
+from flexgen_dist.planning.measure import DECODE_ROWS, PREFILL_ROWS, PREFILL_TOKENS
+from flexgen_dist.planning.plan import predict
 from flexgen_dist.planning.profile import (
     Budgets,
     HardwareProfile,
     disk_key,
+    layer_key,
     overhead_key,
 )
 
@@ -221,3 +224,34 @@ def test_the_planner_keeps_what_the_user_fixed(tmp_path):
     base = dataclasses.replace(Policy(), overlap=False)
     p = plan(m, [rank(tmp_path, m.spec, 16)], WORK, 64, options(base=base))
     assert p.stages[0].policy.overlap is False
+
+
+def with_layers(r: Rank, spec, packed_over_plain: float) -> Rank:
+    """`r` with measured block layers, plain and (`packed_over_plain` times as long) packed."""
+    rates = dict(r.machine.profile.rates)
+    sizes = [("decode", n, 1e-3 * (1 + n / 32)) for n in DECODE_ROWS]
+    sizes += [("prefill", n * PREFILL_TOKENS, 2e-5 * n * PREFILL_TOKENS) for n in PREFILL_ROWS]
+    for kind in ("attention", "mlp"):
+        for phase, size, seconds in sizes:
+            rates[layer_key(BF16, spec, kind, phase, size, False)] = seconds
+            rates[layer_key(BF16, spec, kind, phase, size, True)] = seconds * packed_over_plain
+    return Rank(dataclasses.replace(r.machine, profile=HardwareProfile({}, rates)), r.budgets)
+
+
+@pytest.mark.parametrize("host_gib", [16.0, 2.0])
+def test_a_cpu_whose_packed_layout_is_slower_keeps_weights_plain_in_host_memory(tmp_path, host_gib):
+    """On a CPU, host-homed weights take the same memory as resident ones and are used plain:
+    where the plain layout measured faster, the planner homes them there (with all of them in
+    memory, and with part of them on disk), and where packing is faster it keeps them resident."""
+    m = model()
+    slow_packing = with_layers(rank(tmp_path, m.spec, host_gib), m.spec, packed_over_plain=3.0)
+    chosen = plan(m, [slow_packing], WORK, 64, options())
+    w_compute, w_host, w_disk = chosen.stages[0].policy.tier_percents("w")
+    assert w_compute == 0 and w_host > 0 and (w_disk > 0) == (host_gib < 4)
+    assert fits(m, [slow_packing], chosen)
+    packed = dataclasses.replace(chosen.stages[0].policy, w_gpu_percent=w_host, w_cpu_percent=0)
+    spec = m.spec
+    as_resident = predict(spec, [slow_packing], [packed], [spec.num_layers], 1, BF16, WORK, 64)
+    assert chosen.throughput > 1.1 * as_resident.throughput  # (disk-bound at 2 GiB: less to gain)
+    fast_packing = with_layers(rank(tmp_path, m.spec, host_gib), m.spec, packed_over_plain=1 / 3)
+    assert plan(m, [fast_packing], WORK, 64, options()).stages[0].policy.w_cpu_percent == 0

@@ -7,7 +7,9 @@ import pytest
 import torch
 from conftest import PROMPTS, make_checkpoint, run_cli
 from flexgen_dist import Engine, Policy, Tier
+from flexgen_dist.core.types import GiB
 from flexgen_dist.models.checkpoint import resolve_model
+from flexgen_dist.runtime import budget
 from flexgen_dist.storage.store import open_store
 
 
@@ -170,3 +172,23 @@ def test_each_weight_compression_has_its_own_store_directory(tmp_path):
         names.add(os.path.basename(open_store(str(tmp_path), model, torch.bfloat16, policy).root))
     names.add(os.path.basename(open_store(str(tmp_path), model, torch.bfloat16, Policy()).root))
     assert len(names) == 4, names
+
+
+def test_a_block_like_one_that_ran_is_not_refused_for_memory_the_last_one_freed(tmp_path, monkeypatch):
+    """The allocator may keep what a finished block freed, so the memory free afterwards looks
+    smaller: a job of 2N prompts whose first block of N ran is not refused at its second."""
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ckpt, post_ln=False)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=1)
+    engine = Engine.from_pretrained(str(ckpt), policy=policy, offload_dir=tmp_path / "o", dtype="float32")
+    try:
+        free = [GiB, 1]  # enough for the first block; then as if its freed bytes were still held
+        calls = []
+        monkeypatch.setattr(budget, "host_available", lambda: (calls.append(1), (free[min(len(calls), 2) - 1], "test"))[1])
+        same = [[2, 15, 16, 17, 18]] * 6  # three blocks of the same shape
+        out = engine.generate(same, max_new_tokens=3)
+        assert out.shape[0] == 6 and len(calls) == 1  # checked once, at the first block
+        with pytest.raises(budget.NotEnoughMemory, match="not enough host memory for the KV cache"):
+            engine.generate([[2] + list(range(3, 40))] * 2, max_new_tokens=3)  # a larger block is checked again
+    finally:
+        engine.close()

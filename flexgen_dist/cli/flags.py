@@ -7,10 +7,22 @@ import dataclasses
 import sys
 import typing
 
-from ..core.config import field_docs, field_types
+from ..core.config import (
+    EngineConfig,
+    GenerationConfig,
+    JobConfig,
+    field_docs,
+    field_types,
+)
 from ..core.errors import FlexGenError
 
 ALIASES = {"max_new_tokens": ["--gen-len"]}  # FlexGen's name for it stays the documented one
+
+
+# the flags `plan` and `run` share, in one definition: which model, and what work to plan or run
+MODEL_FIELDS = ((JobConfig, ("model", "tokenizer")), (EngineConfig, ("dummy_weights", "dtype", "offload_dir")))
+WORKLOAD_FIELDS = ((JobConfig, ("prompts", "prompt_len", "num_prompts")), (GenerationConfig, ("max_new_tokens",)))
+SHARED_FIELDS = tuple(name for _, names in MODEL_FIELDS + WORKLOAD_FIELDS for name in names)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -82,12 +94,24 @@ def flag_name(field_name: str) -> str:
     return ALIASES.get(field_name, [f"--{field_name.replace('_', '-')}"])[0]
 
 
-def add_fields(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), title: str | None = None):
-    """One flag per field of dataclass `cls` (those not in `skip`), in a group titled `title`."""
-    group = parser.add_argument_group(title or cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+def add_shared_fields(parser: argparse.ArgumentParser) -> None:
+    """The model and workload flags, as `plan` and `run` both take them."""
+    for title, description, fields in (("model", "Which model, in what dtype, offloaded where.", MODEL_FIELDS),
+                                       ("workload", "The prompts and how many tokens to generate.", WORKLOAD_FIELDS)):
+        group = parser.add_argument_group(title, description)
+        for cls, names in fields:
+            add_fields(parser, cls, only=names, group=group)
+
+
+def add_fields(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), title: str | None = None,
+               only: tuple[str, ...] | None = None, group=None):
+    """One flag per field of dataclass `cls` (those in `only`, if given, and not in `skip`), in
+    `group` or a new group titled `title`."""
+    if group is None:
+        group = parser.add_argument_group(title or cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
     docs, types = field_docs(cls), field_types(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         names = ALIASES.get(f.name, []) + [f"--{f.name.replace('_', '-')}"]

@@ -36,9 +36,11 @@ from ..runtime.stats import GenerationStats
 from ..system.limits import peak_rss_bytes
 from ..system.workdir import exit_cleanly_on_signals
 from .flags import (
+    SHARED_FIELDS,
     DefaultsHelpFormatter,
     OneLineErrorParser,
     add_fields,
+    add_shared_fields,
     check_config_keys,
     config_defaults,
     flag_name,
@@ -52,15 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=DefaultsHelpFormatter)
     p.add_argument("--config", help="JSON file of defaults for any flag below (keys as flag names with _); "
                    "flags given on the command line win")
-    add_fields(p, JobConfig, title="job")
-    add_fields(p, EngineConfig, title="engine")
+    add_shared_fields(p)
+    add_fields(p, JobConfig, skip=SHARED_FIELDS, title="job")
+    add_fields(p, EngineConfig, skip=SHARED_FIELDS, title="engine")
     policy = add_fields(p, Policy, skip=PERCENT_FIELDS, title="policy")
     policy.add_argument("--percent", nargs="+", type=float, default=None, metavar="P",
                         help="W_GPU W_CPU CACHE_GPU CACHE_CPU ACT_GPU ACT_CPU: percents of weights, KV cache and "
                         "activations on the compute device and in host memory; the rest of each pair on disk "
                         "(given: the policy is manual; without --policy auto, 100 0 100 0 100 0)")
     add_fields(p, PlannerConfig, title="planner")
-    generation = add_fields(p, GenerationConfig, skip=("stop", "seed"), title="generation")
+    generation = add_fields(p, GenerationConfig, skip=("stop", "seed", *SHARED_FIELDS), title="generation")
     generation.add_argument("--stop", action="append", default=[], metavar="ID_OR_TEXT",
                             help=field_docs(GenerationConfig)["stop"])
     return p

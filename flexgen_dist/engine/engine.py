@@ -18,7 +18,14 @@ from ..kernels.probe import DtypeChoice, choose_int4, resolve_dtype
 from ..models import family_of
 from ..models.checkpoint import ResolvedModel, resolve_model
 from ..runtime.block import BlockRun, left_pad
-from ..runtime.budget import Plan, block_plan, check_disk, check_memory, weight_plan
+from ..runtime.budget import (
+    Plan,
+    block_plan,
+    check_disk,
+    check_memory,
+    weight_plan,
+    within,
+)
 from ..runtime.executor import LocalExecutor
 from ..runtime.sampling import generated_length, trim_after_stop
 from ..runtime.stages import stage_range
@@ -72,6 +79,7 @@ class Engine:
         self.last_batch = None  # what the last generate_batch did (batch.BatchInfo)
         self.progress = watched(ctx)
         self.closed = False
+        self.admitted = Plan()  # a block's bytes admitted before (freed when it ended: this process's to reuse)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, policy: Policy | None = None, config: EngineConfig | None = None,
@@ -213,10 +221,15 @@ class Engine:
 
     def _check_block_fits(self, prompt_len: int, steps: int) -> None:
         """Before a block allocates its KV cache: the memory still free and the disk must take it
-        (the weights are already loaded, so only the block's own bytes are compared)."""
+        (the weights are already loaded, so only the block's own bytes are compared). What an
+        earlier block held was freed when it ended and is this process's to reuse (its allocator
+        may keep it, so the memory free now does not show it): a block no larger on any tier than one
+        admitted before is admitted again; a larger one is checked whole against what is free now."""
         plan = block_plan(self.executor.layers, self.policy, self.dtype, self.micro_batches, prompt_len,
                           prompt_len + steps, self.spec.hidden_size, self.spec.vocab_size, self.spec.num_heads)
-        check_memory(plan, self.devices.compute, "the KV cache and activations")
+        if not within(plan, self.admitted):
+            check_memory(plan, self.devices.compute, "the KV cache and activations")
+            self.admitted = plan
         check_disk(plan, self.executor.work_dir, "the KV cache and activations")
 
     def _assemble(self, prompts, gens) -> torch.Tensor:

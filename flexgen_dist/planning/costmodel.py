@@ -160,7 +160,7 @@ def _compute(layer: Layer, step: Step, place: Placement, dtype: torch.dtype, mac
             n, k = w.shape
             seconds += rates.matmul_s(dtype, step.rows, k, n)
         if layer.part == HEAD:  # the next tokens chosen from its logits, every step
-            seconds += step.rows * machine.spec.vocab_size / rates.rates.get(choice_key(machine.spec.vocab_size), 1e12)
+            seconds += step.rows * machine.spec.vocab_size / rates.rate(choice_key(machine.spec.vocab_size), 1e12)
         return {"compute": seconds}
     measured = [_measured_layer(layer, step, dtype, machine, packed) for packed in (True, False)]
     return {"compute": job + resident * measured[0] + (1 - resident) * measured[1]

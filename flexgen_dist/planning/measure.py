@@ -5,6 +5,7 @@ All rates are per second: FLOP/s for matmuls and prefill attention, bytes/s for 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -37,6 +38,7 @@ from .profile import (
     disk_key,
     layer_key,
     layer_kind,
+    machine_threads,
     matmul_key,
     overhead_key,
 )
@@ -170,10 +172,10 @@ def measure_layers(profile: HardwareProfile, device: torch.device, dtype: torch.
 def _copies(layer_bytes: int, device: torch.device, most: int = 64) -> int:
     """How many copies of a layer's weights a decode measurement cycles through: enough that
     they do not stay in the CPU's last-level cache (hundreds of MB on servers), as the model's
-    many layers do not; bounded by a quarter of the memory there is."""
+    many layers do not; bounded by an eighth of the memory there is (a memory cgroup's included)."""
     if device.type == "cuda":
         return 1
-    room = min(STREAM_BYTES, host_available()[0] // 4)
+    room = min(STREAM_BYTES, host_available()[0] // 8)
     return max(1, min(room // max(layer_bytes, 1), most))
 
 
@@ -268,7 +270,31 @@ def measure_executor_overhead(profile: HardwareProfile, device: torch.device, dt
 
 def profile_model(profile: HardwareProfile, device: torch.device, dtypes, spec, family, offload_dir: str) -> None:
     """Every measurement the cost model needs for this model, on this machine, in these dtypes
-    (only those not in the profile yet), then the profile saved."""
+    (only those not in the profile yet, nor measured meanwhile by another process: one measures at
+    a time, with all the machine's cores), then the profile saved with a line of its history."""
+    with profile.locked(), _all_cores(device):
+        before = profile.measured_s
+        _measure_model(profile, device, dtypes, spec, family, offload_dir)
+        if profile.measured_s > before:
+            profile.history.append({"pid": os.getpid(), "threads": torch.get_num_threads(), "model": spec.family,
+                                    "seconds": round(profile.measured_s - before, 2),
+                                    "when": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            profile.save()
+
+
+@contextlib.contextmanager
+def _all_cores(device: torch.device):
+    """The machine's cores for the duration (a rank's share of them is derived, see `share`)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(machine_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_model(profile: HardwareProfile, device: torch.device, dtypes, spec, family, offload_dir: str) -> None:
     layers = family.build_layers(spec, 0, 1, with_embed=True, with_head=True, sep_layer=True)
     # block layers are measured whole (measure_layers); the head's product (and a projection
     # around the embedding, as OPT-350m has) are priced from their rates
@@ -282,7 +308,6 @@ def profile_model(profile: HardwareProfile, device: torch.device, dtypes, spec, 
         measure_conversions(profile, device, dtype)
     measure_token_choice(profile, device, spec.vocab_size)
     measure_disk(profile, offload_dir)
-    profile.save()
 
 
 def measure_conversions(profile: HardwareProfile, device: torch.device, dtype: torch.dtype) -> None:
@@ -313,7 +338,9 @@ def measure_disk(profile: HardwareProfile, directory: str) -> None:
         return
     t0 = time.perf_counter()
     os.makedirs(directory, exist_ok=True)
-    size = min(DISK_PROBE_BYTES, shutil.disk_usage(directory).free // 4) // (4 << 20) * (4 << 20)
+    # its data and read buffer (twice `size`) stay within a quarter of the memory there is
+    room = min(shutil.disk_usage(directory).free, host_available()[0] // 2) // 4
+    size = min(DISK_PROBE_BYTES, room) // (4 << 20) * (4 << 20)
     if size < MIN_DISK_PROBE_BYTES:  # an (almost) full disk: nothing to measure, nothing to put there
         return
     profile.about_to_measure()

@@ -24,7 +24,7 @@ from scipy.optimize import linprog
 
 from ..core.errors import FlexGenError
 from ..core.policy import Policy
-from ..core.types import GiB, Tier
+from ..core.types import GiB, Tier, dtype_name
 from ..models.base import Layer
 from ..runtime.budget import Plan, block_plan, weight_plan
 from ..storage.store import stored_nbytes
@@ -176,7 +176,8 @@ def _lp_fractions(layers, policy: Policy, dtype, rank: Rank, workload: Workload,
                   streaming: bool, staged: bool) -> Placement | None:
     """The placement fractions minimising the stage's predicted time under its budgets, or None
     if none fits. Variables: host and disk shares of weights and of cache rows (the compute share is
-    the rest), then one time per (layer group, step); on a CPU the host share is held at 0."""
+    the rest), then one time per (layer group, step); on a CPU the cache's host share is held at 0
+    (compute and host are one memory), the weights' only where they would be used alike."""
     machine, b = rank.machine, rank.budgets
     groups = layer_groups(layers)
     step_list = steps(workload, policy.gpu_batch_size)
@@ -209,14 +210,23 @@ def _lp_fractions(layers, policy: Policy, dtype, rank: Rank, workload: Workload,
     a_ub.append(_pad([0, 0, 0, kv], n_t)); b_ub.append(b.disk)  # disk-homed weights are read from the store
     a_ub.append(_pad([1, 1, 0, 0], n_t)); b_ub.append(1)
     a_ub.append(_pad([0, 0, 1, 1], n_t)); b_ub.append(1)
-    host_max = 0 if machine.cpu else 1
-    bounds = [(0, host_max), (0, 1 if streaming else 0), (0, host_max if staged else 0), (0, 1 if staged else 0)]
+    # on a CPU host-homed weights cost no more memory than resident ones and are used plain, not
+    # packed: where the profile measured the plain layout faster, they are the faster home
+    w_host_max = 1 if not machine.cpu or _plain_differs(machine, dtype) else 0
+    c_host_max = 0 if machine.cpu else 1
+    bounds = [(0, w_host_max), (0, 1 if streaming else 0), (0, c_host_max if staged else 0), (0, 1 if staged else 0)]
     bounds += [(0, None)] * n_t
     result = linprog(c, A_ub=np.array(a_ub), b_ub=np.array(b_ub), bounds=bounds, method="highs")
     if result.status != 0:
         return None
     wh, wd, ch, cd = (float(v) for v in result.x[:4])
     return Placement((max(1 - wh - wd, 0), wh, wd), (max(1 - ch - cd, 0), ch, cd), staged)
+
+
+def _plain_differs(machine: Machine, dtype) -> bool:
+    """Whether resident weights take a packed path here (so host-homed, plain ones price apart)."""
+    prefix = f"layer {dtype_name(dtype)} "
+    return any(k.startswith(prefix) and k.endswith(" packed") for k in machine.profile.rates)
 
 
 def _time_rows(rows: list[dict], overlap: bool):
@@ -293,11 +303,16 @@ def _fit(layers, policy: Policy, dtype, rank: Rank, micro_batches: int, workload
 def plan_stage(layers, first: int, last: int, policy: Policy, dtype, rank: Rank, micro_batches: int,
                workload: Workload, spec) -> StagePlan | None:
     """The fastest placement of `layers` for this discrete choice on this rank, or None. Where
-    everything fits on the compute device that is the answer (nothing to move is never slower)."""
+    everything fits in memory that is the answer (nothing to move is never slower): on the compute
+    device, or on a CPU with packing, in host memory (the weights used plain) if that is faster."""
     resident = replace(policy, w_gpu_percent=100, w_cpu_percent=0, cache_gpu_percent=100, cache_cpu_percent=0)
     if not policy.compress_cache and shortfall(exact_memory(layers, resident, dtype, micro_batches, workload, spec,
                                                             rank.machine.cpu), rank.budgets, rank.machine.cpu) is None:
-        return evaluate_stage(layers, first, last, resident, dtype, rank, micro_batches, workload, spec)
+        homes = [resident]
+        if rank.machine.cpu and _plain_differs(rank.machine, dtype):  # the same memory, used plain
+            homes.append(replace(resident, w_gpu_percent=0, w_cpu_percent=100))
+        return min((evaluate_stage(layers, first, last, p, dtype, rank, micro_batches, workload, spec) for p in homes),
+                   key=lambda st: st.prefill_s + st.decode_s)
     best = None
     variants = [(s, st) for s in (False, True) for st in (False, True) if not (policy.compress_cache and not st)]
     for streaming, staged in variants:

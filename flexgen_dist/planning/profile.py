@@ -1,15 +1,20 @@
 """What this machine can do, measured once and cached: the numbers the cost model runs on.
 
-A profile is a JSON file per machine identity (CPU model and flags, cores this process may use,
-RAM, torch version, GPU) under `~/.cache/flexgen_dist/hardware/`; a changed identity or profile
-version is a different file, so it is measured afresh, as is any measurement not yet in the file
-(a new model's matmul shapes, a new disk; see `measure.py`). `reprofile=True` (`--reprofile`)
+A profile is a JSON file per machine identity (CPU model and flags, cores, RAM, torch version, GPU)
+under `~/.cache/flexgen_dist/hardware/`; a changed identity or profile version is a different file,
+so it is measured afresh, as is any measurement not yet in the file (a new model's matmul shapes, a
+new disk; see `measure.py`). It is measured with all the machine's cores, by one process at a time
+(`locked`: ranks starting together measure once, the others wait and read it); a process given
+fewer threads (a rank of `launch/run_local.sh N`) derives its compute rates from it in proportion
+(`share`), so 1- and N-rank runs on one machine share one profile. `reprofile=True` (`--reprofile`)
 measures everything again. Memory budgets are not part of the profile: they are what the machine
 and its cgroup allow now (see `budgets`), less a margin, unless given (`--gpu-mem`, `--cpu-mem`,
 `--disk-mem`).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -27,7 +32,15 @@ from ..runtime.budget import MARGIN
 from ..system.limits import FREE_RAM, code_reserve, host_available
 from ..system.workdir import partial_file
 
-PROFILE_VERSION = 7  # 7: medians instead of the fastest call
+PROFILE_VERSION = 8  # 7: medians instead of the fastest call; 8: measured with all cores, one per machine
+
+
+COMPUTE_RATES = ("matmul ", "attention ", "decompress ", "compress ", "token choice ")  # scale with threads
+
+
+def machine_threads() -> int:
+    """The threads a profile is measured with: the machine's cores (torch's own default)."""
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 MATMUL_ROWS = (1, 8, 32, 128, 512)  # rows of a product measured; others are interpolated
@@ -44,7 +57,7 @@ def machine_identity(device: torch.device) -> dict:
     except OSError:
         model = platform.processor()
     identity = {"cpu": model, "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:16],
-                "threads": torch.get_num_threads(), "ram": psutil.virtual_memory().total,
+                "cores": machine_threads(), "ram": psutil.virtual_memory().total,
                 "torch": torch.__version__, "device": device.type}
     if device.type == "cuda":
         identity["gpu"] = torch.cuda.get_device_name(device)
@@ -64,11 +77,20 @@ class HardwareProfile:
     rates: dict[str, float] = field(default_factory=dict)
     path: str | None = None
     measured_s: float = 0.0  # time spent measuring in this process
+    threads: int = 0  # this process's compute threads (0: all the machine's), which its rates are for
+    history: list = field(default_factory=list)  # one entry per process that measured and saved
+    fresh: bool = False  # `reprofile`: measure everything again, whatever the file holds
     # called once, before the first measurement this process makes (a status line: it may take a minute)
     on_first_measurement: Callable[[], None] | None = field(default=None, repr=False, compare=False)
     _points: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ----- lookups the cost model uses ---------------------------------------------------------
+    @property
+    def share(self) -> float:
+        """This process's part of the cores the profile was measured with: its compute rates are
+        the measured ones times this (the other ranks on the machine run at the same time)."""
+        return min(self.threads, machine_threads()) / machine_threads() if self.threads else 1.0
+
     def matmul_s(self, dtype: torch.dtype, rows: int, k: int, n: int, packed: bool = False) -> float:
         """Seconds for a (rows, k) x (k, n) product; `packed`: with the weight in the layout the
         engine gives resident weights where the device has one (else the same as plain)."""
@@ -77,6 +99,9 @@ class HardwareProfile:
     def matmul_rate(self, dtype: torch.dtype, rows: int, k: int, n: int, packed: bool = False) -> float:
         """FLOP/s, interpolated between measured row counts; a profile written by hand may give one
         rate for every shape as `matmul DTYPE any`."""
+        return self.share * self._measured_matmul_rate(dtype, rows, k, n, packed)
+
+    def _measured_matmul_rate(self, dtype: torch.dtype, rows: int, k: int, n: int, packed: bool) -> float:
         flat = self.rates.get(f"matmul {dtype_name(dtype)} any")
         if flat is not None:
             return flat
@@ -93,8 +118,11 @@ class HardwareProfile:
                 return v0 + (rows - r0) / (r1 - r0) * (v1 - v0)
         return points[-1][1]
 
-    def rate(self, key: str) -> float:
-        return self.rates[key]
+    def rate(self, key: str, default: float | None = None) -> float:
+        """The rate `key` names, for this process's threads (`default` where it was not measured)."""
+        if default is not None and key not in self.rates:
+            return default
+        return self.rates[key] * (self.share if key.startswith(COMPUTE_RATES) else 1.0)
 
     def layer_points(self, key: str) -> list[tuple[int, float]]:
         """(size, seconds) of every measurement of the layer `key` names at any size, by size."""
@@ -106,7 +134,7 @@ class HardwareProfile:
                 if k.startswith(prefix) and k.endswith(" packed") == packed:
                     found.append((int(k.removesuffix(" packed").rsplit(" ", 1)[1]), v))
             self._points[(prefix, packed)] = sorted(found)
-        return self._points[(prefix, packed)]
+        return [(size, seconds / self.share) for size, seconds in self._points[(prefix, packed)]]
 
     # ----- measuring ---------------------------------------------------------------------------
     def ensure(self, key: str, measure: Callable[[], float]) -> float:
@@ -132,12 +160,34 @@ class HardwareProfile:
         if self.path is None:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        body = json.dumps({"version": PROFILE_VERSION, "identity": self.identity, "rates": self.rates},
-                          indent=1, sort_keys=True)
+        body = json.dumps({"version": PROFILE_VERSION, "identity": self.identity, "rates": self.rates,
+                           "history": self.history}, indent=1, sort_keys=True)
         temp = f"{self.path}.{os.getpid()}.new"  # ranks on one machine may save at once
         with partial_file(temp), open(temp, "w") as f:
             f.write(body)
         os.replace(temp, self.path)
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Held by one process of the machine at a time (an advisory lock beside the file), with
+        what others measured meanwhile read back in (unless `fresh`): ranks starting together
+        measure once."""
+        if self.path is None:
+            yield self
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(f"{self.path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not self.fresh:
+                    stored = _read(self.path, self.identity)
+                    if stored is not None:
+                        self.rates = {**stored[0], **self.rates}
+                        self.history = stored[1]
+                        self._points.clear()
+                yield self
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def matmul_key(dtype: torch.dtype, rows: int, k: int, n: int, packed: bool = False) -> str:
@@ -149,17 +199,23 @@ def load_profile(device: torch.device, cache_dir: str | None = None, reprofile: 
     identity = machine_identity(device)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir or default_cache_dir(), f"{digest}.json")
-    profile = HardwareProfile(identity, path=path)
-    if reprofile:
-        return profile
+    profile = HardwareProfile(identity, path=path, threads=torch.get_num_threads(), fresh=reprofile)
+    stored = None if reprofile else _read(path, identity)
+    if stored is not None:
+        profile.rates, profile.history = stored
+    return profile
+
+
+def _read(path: str, identity: dict) -> tuple[dict, list] | None:
+    """(rates, history) of the profile file at `path`, if it is one of this machine and version."""
     try:
         with open(path) as f:
             data = json.load(f)
         if data.get("version") == PROFILE_VERSION and data.get("identity") == identity:
-            profile.rates = {k: float(v) for k, v in data["rates"].items()}
+            return {k: float(v) for k, v in data["rates"].items()}, list(data.get("history", []))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # unreadable or damaged: measure again
-    return profile
+    return None
 
 
 def layer_key(dtype: torch.dtype, spec, kind: str, phase: str, tokens: int, packed: bool) -> str:

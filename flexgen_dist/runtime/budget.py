@@ -113,6 +113,11 @@ def block_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, micro_ba
     return plan
 
 
+def within(plan: Plan, earlier: Plan) -> bool:
+    """Whether `plan` holds no more on any tier than `earlier` did."""
+    return all(plan.total(t) <= earlier.total(t) for t in Tier)
+
+
 def check_memory(plan: Plan, compute: torch.device, what: str) -> None:
     """Refuse, in one line, a plan that does not fit the memory this process may use."""
     if compute.type == "cuda":
