@@ -93,7 +93,25 @@ class StepInputs:
     positions: torch.Tensor  # (b, s) position ids of the new tokens
     attn_bias: torch.Tensor  # (b, 1, s, start + s) additive mask: 0 where visible, dtype-min elsewhere
     start: int  # index in the KV buffer of the first new token
+    targets: torch.Tensor | None = None  # (b, w) scoring: the tokens the last w positions should predict, -1 none
     extra: dict = field(default_factory=dict, compare=False)
+
+
+def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(b, w, vocab) float logits and (b, w) target ids (-1: no target) -> (b, w, 2): each target's
+    log-probability and whether it is the most likely token (1.0 or 0.0); zeros where no target."""
+    logp = torch.log_softmax(logits, dim=-1)
+    wanted = targets.clamp(min=0)
+    picked = logp.gather(-1, wanted[..., None])[..., 0]
+    greedy = (logp.argmax(dim=-1) == wanted).float()
+    scores = torch.stack([picked, greedy], dim=-1)
+    return scores.masked_fill((targets < 0)[..., None], 0.0)
+
+
+def head_positions(x: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    """The hidden states the output head turns into logits: the last position's, or when scoring
+    the last `w` positions' (b, w, hidden)."""
+    return x[:, -1] if inputs.targets is None else x[:, -inputs.targets.shape[1]:]
 
 
 @dataclass

@@ -17,7 +17,17 @@ import torch.nn.functional as F
 from ...core.compression import TABLE
 from ...kernels.attention import attend
 from ...kernels.linear import embedding, linear
-from ..base import EMBED, HEAD, Layer, ModelError, StepInputs, merge_layers, specs
+from ..base import (
+    EMBED,
+    HEAD,
+    Layer,
+    ModelError,
+    StepInputs,
+    head_positions,
+    merge_layers,
+    specs,
+    token_scores,
+)
 from .config import LlamaSpec
 
 
@@ -95,9 +105,11 @@ def mlp(w, x, inputs: StepInputs, *, spec: LlamaSpec) -> torch.Tensor:
 
 
 def output_head(w, x, inputs: StepInputs, *, spec: LlamaSpec) -> torch.Tensor:
-    """Logits of the last position only, in float32 (b, vocab)."""
-    x = rms_norm(x[:, -1], w["norm.weight"], spec.rms_norm_eps)
-    return linear(x, w["lm_head"]).float()
+    """Logits of the last position only, in float32 (b, vocab); when scoring, `token_scores` of the
+    positions that predict `inputs.targets`."""
+    x = rms_norm(head_positions(x, inputs), w["norm.weight"], spec.rms_norm_eps)
+    logits = linear(x, w["lm_head"]).float()
+    return logits if inputs.targets is None else token_scores(logits, inputs.targets)
 
 
 def _matmul(key: str, name: str, out_f: int, in_f: int, bias: bool = False) -> list[tuple]:

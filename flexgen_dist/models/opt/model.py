@@ -12,7 +12,16 @@ import torch.nn.functional as F
 from ...core.compression import TABLE
 from ...kernels.attention import attend
 from ...kernels.linear import embedding, linear
-from ..base import EMBED, HEAD, Layer, StepInputs, merge_layers, specs
+from ..base import (
+    EMBED,
+    HEAD,
+    Layer,
+    StepInputs,
+    head_positions,
+    merge_layers,
+    specs,
+    token_scores,
+)
 from .config import OPTSpec
 
 POSITION_OFFSET = 2  # OPT's learned positions start at index 2
@@ -59,13 +68,15 @@ def mlp(w, x, inputs: StepInputs, *, spec: OPTSpec) -> torch.Tensor:
 
 
 def output_head(w, x, inputs: StepInputs, *, spec: OPTSpec) -> torch.Tensor:
-    """Logits of the last position only, in float32 (b, vocab)."""
-    x = x[:, -1]
+    """Logits of the last position only, in float32 (b, vocab); when scoring, `token_scores` of the
+    positions that predict `inputs.targets`."""
+    x = head_positions(x, inputs)
     if "ln.weight" in w:
         x = _ln(x, w, "ln", spec.layer_norm_eps)
     if "project_out" in w:
         x = linear(x, w["project_out"])
-    return linear(x, w["embed_tokens"]).float()
+    logits = linear(x, w["embed_tokens"]).float()
+    return logits if inputs.targets is None else token_scores(logits, inputs.targets)
 
 
 def _linear(key: str, name: str, out_f: int, in_f: int):
