@@ -108,10 +108,16 @@ def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill((targets < 0)[..., None], 0.0)
 
 
-def head_positions(x: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-    """The hidden states the output head turns into logits: the last position's, or when scoring
-    the last `w` positions' (b, w, hidden)."""
-    return x[:, -1] if inputs.targets is None else x[:, -inputs.targets.shape[1]:]
+SCORE_CHUNK = 1 << 24  # logits (float32 elements) the output head makes at once when scoring
+
+
+def score_positions(h: torch.Tensor, targets: torch.Tensor, logits_of: Callable, vocab: int) -> torch.Tensor:
+    """`token_scores` of the positions of `h` (b, w, hidden) that predict `targets` (b, w), with
+    `logits_of` (the family's final norm and projection) applied to a few positions at a time, so
+    that at most `SCORE_CHUNK` logits exist at once (a long window's full logits would not fit)."""
+    step = max(1, SCORE_CHUNK // max(1, h.shape[0] * vocab))
+    return torch.cat([token_scores(logits_of(h[:, a:a + step]), targets[:, a:a + step])
+                      for a in range(0, h.shape[1], step)], dim=1)
 
 
 @dataclass

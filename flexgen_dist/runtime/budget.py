@@ -14,7 +14,7 @@ import torch
 from ..core.errors import FlexGenError
 from ..core.policy import Policy, split_rows, weight_homes
 from ..core.types import GiB, Tier
-from ..models.base import Layer
+from ..models.base import SCORE_CHUNK, Layer
 from ..storage.kvcache import kv_token_bytes
 from ..storage.store import stored_nbytes
 from ..system.limits import host_available, require_disk_space
@@ -114,7 +114,10 @@ def block_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, micro_ba
     plan.add(policy.act_tier, "activations", rows * prompt_len * hidden * elem)
     widest = max([max(w.shape) for la in layers for w in la.weights  # the MLP's inner width, not the vocabulary
                   if len(w.shape) == 2 and vocab not in w.shape] + [hidden])
-    logits = gbs * vocab * 4 if scored is None else gbs * scored * vocab * 4 * 3  # logits, log-softmax, argmax
+    if scored is None:
+        logits = gbs * vocab * 4
+    else:  # a few positions' logits at a time, their log-softmax and argmax (models.base.score_positions)
+        logits = min(gbs * scored * vocab, max(SCORE_CHUNK, gbs * vocab)) * 4 * 3
     prefill = gbs * prompt_len * (3 * widest * elem + heads * prompt_len * 4) + logits  # query heads' scores
     plan.add(Tier.COMPUTE, "prefill intermediates", prefill)
     return plan

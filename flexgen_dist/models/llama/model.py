@@ -23,10 +23,9 @@ from ..base import (
     Layer,
     ModelError,
     StepInputs,
-    head_positions,
     merge_layers,
+    score_positions,
     specs,
-    token_scores,
 )
 from .config import LlamaSpec
 
@@ -105,11 +104,13 @@ def mlp(w, x, inputs: StepInputs, *, spec: LlamaSpec) -> torch.Tensor:
 
 
 def output_head(w, x, inputs: StepInputs, *, spec: LlamaSpec) -> torch.Tensor:
-    """Logits of the last position only, in float32 (b, vocab); when scoring, `token_scores` of the
-    positions that predict `inputs.targets`."""
-    x = rms_norm(head_positions(x, inputs), w["norm.weight"], spec.rms_norm_eps)
-    logits = linear(x, w["lm_head"]).float()
-    return logits if inputs.targets is None else token_scores(logits, inputs.targets)
+    """Logits of the last position only, in float32 (b, vocab); when scoring, the scores of the
+    positions that predict `inputs.targets` (see `score_positions`)."""
+    def logits_of(h):
+        return linear(rms_norm(h, w["norm.weight"], spec.rms_norm_eps), w["lm_head"]).float()
+    if inputs.targets is None:
+        return logits_of(x[:, -1])
+    return score_positions(x[:, -inputs.targets.shape[1]:], inputs.targets, logits_of, spec.vocab_size)
 
 
 def _matmul(key: str, name: str, out_f: int, in_f: int, bias: bool = False) -> list[tuple]:

@@ -17,10 +17,9 @@ from ..base import (
     HEAD,
     Layer,
     StepInputs,
-    head_positions,
     merge_layers,
+    score_positions,
     specs,
-    token_scores,
 )
 from .config import OPTSpec
 
@@ -68,15 +67,17 @@ def mlp(w, x, inputs: StepInputs, *, spec: OPTSpec) -> torch.Tensor:
 
 
 def output_head(w, x, inputs: StepInputs, *, spec: OPTSpec) -> torch.Tensor:
-    """Logits of the last position only, in float32 (b, vocab); when scoring, `token_scores` of the
-    positions that predict `inputs.targets`."""
-    x = head_positions(x, inputs)
-    if "ln.weight" in w:
-        x = _ln(x, w, "ln", spec.layer_norm_eps)
-    if "project_out" in w:
-        x = linear(x, w["project_out"])
-    logits = linear(x, w["embed_tokens"]).float()
-    return logits if inputs.targets is None else token_scores(logits, inputs.targets)
+    """Logits of the last position only, in float32 (b, vocab); when scoring, the scores of the
+    positions that predict `inputs.targets` (see `score_positions`)."""
+    def logits_of(h):
+        if "ln.weight" in w:
+            h = _ln(h, w, "ln", spec.layer_norm_eps)
+        if "project_out" in w:
+            h = linear(h, w["project_out"])
+        return linear(h, w["embed_tokens"]).float()
+    if inputs.targets is None:
+        return logits_of(x[:, -1])
+    return score_positions(x[:, -inputs.targets.shape[1]:], inputs.targets, logits_of, spec.vocab_size)
 
 
 def _linear(key: str, name: str, out_f: int, in_f: int):
