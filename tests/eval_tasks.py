@@ -3,6 +3,7 @@ perplexity task over documents longer than the tiny models' 64 positions, and a 
 with stop strings; plus lm-eval runs of any backend that return the per-sample responses."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 
@@ -16,6 +17,14 @@ ROLLING = [{"text": CORPUS[:900]}, {"text": "Offloading: " + CORPUS[200:700].upp
 GEN = [{"prompt": "the quick brown", "answer": " fox"}, {"prompt": "a stitch in time", "answer": " saves"},
        {"prompt": "offloading moves", "answer": " weights"}]
 TASKS = ["fg_mc", "fg_rolling", "fg_gen"]
+REAL_MC = [  # for a real model: answers it may get right or wrong, but the same ones as `hf`
+    {"question": "The capital of France is", "choices": [" Paris", " London", " Berlin", " Madrid"], "label": 0},
+    {"question": "Water freezes at a temperature of", "choices": [" zero degrees Celsius", " one hundred degrees Celsius",
+                                                                  " fifty degrees Celsius"], "label": 0},
+    {"question": "The largest planet in the solar system is", "choices": [" Mars", " Jupiter", " Venus"], "label": 1},
+    {"question": "def add(a, b):\n    return", "choices": [" a + b", " a * b", " None"], "label": 0},
+    {"question": "Cats are animals that like to", "choices": [" sleep", " fly", " photosynthesize"], "label": 0},
+]
 
 YAML = {
     "fg_mc": """task: fg_mc
@@ -64,18 +73,24 @@ metric_list:
 
 def write_tasks(directory) -> str:
     """The three tasks' data and YAML files under `directory` (lm-eval's --include_path)."""
-    for name, docs in (("fg_mc", MC), ("fg_rolling", ROLLING), ("fg_gen", GEN)):
+    for name, docs in (("fg_mc", MC), ("fg_rolling", ROLLING), ("fg_gen", GEN), ("fg_real_mc", REAL_MC)):
         data = os.path.join(directory, f"{name}.jsonl")
         with open(data, "w") as f:
             f.writelines(json.dumps(d) + "\n" for d in docs)
         with open(os.path.join(directory, f"{name}.yaml"), "w") as f:
-            f.write(YAML[name].format(data=data))
+            f.write(YAML[name.replace("real_", "")].format(data=data).replace("task: fg_mc", f"task: {name}"))
     return str(directory)
 
 
 def responses(samples: dict) -> dict:
-    """{task: [per-doc responses, by doc id]} from lm-eval's logged samples."""
-    return {task: [s["resps"] for s in sorted(docs, key=lambda s: s["doc_id"])] for task, docs in samples.items()}
+    """{task: [per-doc responses, by doc id]} from lm-eval's logged samples (a samples file writes
+    each number and flag of a log-likelihood response as text)."""
+    def value(task, r):
+        if task == "fg_gen" or not isinstance(r, (str, list)):
+            return r
+        return [value(task, x) for x in r] if isinstance(r, list) else ast.literal_eval(r)
+    return {task: [[value(task, resp) for resp in s["resps"]]
+                   for s in sorted(docs, key=lambda s: s["doc_id"])] for task, docs in samples.items()}
 
 
 def evaluate(model: str, model_args: dict, task_dir: str, tasks=TASKS) -> dict:

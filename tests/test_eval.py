@@ -100,8 +100,8 @@ def test_planned_scoring_policy_runs(checkpoint, task_dir, reference, tmp_path):
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed")
 def test_backend_at_two_ranks_equals_hf(checkpoint, task_dir, reference, tmp_path):
     out = tmp_path / "results"
-    args = ",".join(f"{k}={v}" for k, v in flexgen(checkpoint[0], tmp_path / "off{rank}").items())
-    proc = mpirun(2, ["-m", "flexgen_dist.eval", "run", "--model", "flexgen", "--model_args", args,
+    args = [f"{k}={v}" for k, v in flexgen(checkpoint[0], tmp_path / "off").items()]
+    proc = mpirun(2, ["-m", "flexgen_dist.eval", "run", "--model", "flexgen", "--model_args", *args,
                       "--tasks", ",".join(TASKS), "--include_path", task_dir, "--batch_size", "4",
                       "--output_path", str(out), "--log_samples"], timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -111,6 +111,19 @@ def test_backend_at_two_ranks_equals_hf(checkpoint, task_dir, reference, tmp_pat
         with open(path) as f:
             samples[task] = [json.loads(line) for line in f]
     assert_same(responses(samples), reference)
+
+
+def test_smollm2_answers_as_hf(smollm2_dir, task_dir, tmp_path):
+    """The real SmolLM2 through the backend chooses the same answer as `hf` on every question
+    (both in float32; log-likelihoods within 1e-3)."""
+    ref = evaluate("hf", {"pretrained": smollm2_dir, "dtype": "float32", "device": "cpu"}, task_dir, ["fg_real_mc"])
+    got = evaluate("flexgen", flexgen(smollm2_dir, tmp_path), task_dir, ["fg_real_mc"])
+
+    def answers(resps):
+        return [max(range(len(doc)), key=lambda c: doc[c][0][0]) for doc in resps["fg_real_mc"]]
+    assert answers(got) == answers(ref)
+    for doc_got, doc_ref in zip(got["fg_real_mc"], ref["fg_real_mc"]):
+        assert [r[0][0] for r in doc_got] == pytest.approx([r[0][0] for r in doc_ref], abs=1e-3)
 
 
 def test_score_equals_transformers_log_softmax(checkpoint, tmp_path):
