@@ -53,8 +53,7 @@ def score(engine, requests) -> list[tuple[float, bool]] | None:
     results: list[tuple[float, bool] | None] = [None] * len(rows)
     for b0 in range(0, len(order), block):
         chunk = order[b0:b0 + block]
-        filled = chunk + [chunk[-1]] * (block - len(chunk))  # pad the last block; dropped below
-        scores = ScoreRun(engine, [rows[i][0] for i in filled], [rows[i][1] for i in filled]).run(stats)
+        scores = ScoreRun(engine, [rows[i][0] for i in chunk], [rows[i][1] for i in chunk]).run(stats)
         if scores is not None:
             for r, i in enumerate(chunk):
                 n = len(rows[i][1])

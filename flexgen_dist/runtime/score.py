@@ -25,35 +25,41 @@ def right_aligned(targets: list[list[int]], width: int) -> torch.Tensor:
     return out
 
 
+def micro_slices(rows: int, micro_batches: int) -> list[slice]:
+    """`rows` rows cut into at most `micro_batches` near-equal micro-batches, in order."""
+    n = max(1, min(micro_batches, rows))
+    edges = [rows * q // n for q in range(n + 1)]
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
 class ScoreRun:
-    """State of one scoring block on one rank. `inputs` and `targets` have `micro_batches *
-    block_size` rows (the caller fills a short block); row r's targets are what its last
-    `len(targets[r])` positions predict."""
+    """State of one scoring block on one rank: at most `micro_batches * block_size` rows (a short
+    block is not filled: a prefill-only pass needs no fixed shape, so no filler row is computed).
+    Row r's targets are what its last `len(targets[r])` positions predict."""
 
     def __init__(self, engine, inputs: list[list[int]], targets: list[list[int]]):
         self.engine, self.ctx, self.ring, self.ex = engine, engine.ctx, engine.ring, engine.executor
-        self.rows, self.gbs, self.count = engine.policy.block_size, engine.policy.gpu_batch_size, engine.micro_batches
-        self.hidden = engine.spec.hidden_size
+        self.gbs, self.hidden = engine.policy.gpu_batch_size, engine.spec.hidden_size
         self.scored = max(1, max(map(len, targets)))
-        rows = self.rows
-        self.micro = [left_pad(inputs[t * rows:(t + 1) * rows], engine.spec.pad_id) for t in range(self.count)]
-        self.targets = [right_aligned(targets[t * rows:(t + 1) * rows], self.scored) for t in range(self.count)]
+        cuts = micro_slices(len(inputs), engine.micro_batches)
+        self.micro = [left_pad(inputs[c], engine.spec.pad_id) for c in cuts]
+        self.targets = [right_aligned(targets[c], self.scored) for c in cuts]
 
     def run(self, stats) -> torch.Tensor | None:
         """(rows, scored, 2) float32 scores on rank 0 (see `models.base.token_scores`); None elsewhere."""
         width = max(ids.shape[1] for ids, _ in self.micro)
         self.engine._check_block_fits(width, 0, scored=self.scored)
-        caches = [self.ex.allocate_caches([self.gbs] * self.engine.policy.num_gpu_batches, ids.shape[1],
-                                          scratch=True) for ids, _ in self.micro]
+        caches = [self.ex.allocate_caches([len(piece) for piece in ids.split(self.gbs)], ids.shape[1], scratch=True)
+                  for ids, _ in self.micro]
         self._expect_inputs()
         t0 = time.perf_counter()
         try:
-            for t in range(self.count):
+            for t in range(len(self.micro)):
                 self._compute(self._input(t), t, caches[t])
             result = None
             if self.ctx.first:
-                shape = (self.rows, self.scored, 2)
-                result = torch.cat([unpack(self.ring.receive(), shape)[0].cpu() for _ in range(self.count)])
+                result = torch.cat([unpack(self.ring.receive(), (len(ids), self.scored, 2))[0].cpu()
+                                    for ids, _ in self.micro])
         finally:
             self.ex.drain()
             for c in caches:
@@ -82,5 +88,5 @@ class ScoreRun:
             for ids, _ in self.micro:
                 self.ring.expect((ids.numel() * self.hidden + 1,), self.engine.dtype)
         if self.ctx.first:  # the scores, one message per micro-batch, after rank 0 sent them all
-            for _ in self.micro:
-                self.ring.expect((self.rows * self.scored * 2 + 1,), torch.float32)
+            for ids, _ in self.micro:
+                self.ring.expect((len(ids) * self.scored * 2 + 1,), torch.float32)
