@@ -9,6 +9,7 @@ which rank 0 collects. Messages carry a trailing flag as in `block.py` (always 0
 """
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
@@ -29,7 +30,7 @@ def micro_slices(rows: int, micro_batches: int) -> list[slice]:
     """`rows` rows cut into at most `micro_batches` near-equal micro-batches, in order."""
     n = max(1, min(micro_batches, rows))
     edges = [rows * q // n for q in range(n + 1)]
-    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+    return [slice(a, b) for a, b in itertools.pairwise(edges)]
 
 
 class ScoreRun:
