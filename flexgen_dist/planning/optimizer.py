@@ -156,19 +156,21 @@ class _Memory:
 
 def _memory_terms(layers, policy: Policy, dtype, micro_batches: int, workload: Workload, spec, cpu: bool,
                   streaming: bool, staged: bool) -> _Memory:
-    capacity = workload.prompt_len + workload.gen_len
+    capacity = _capacity(workload)
     probe = replace(policy, w_gpu_percent=0 if streaming else 100, w_cpu_percent=0,
                     cache_gpu_percent=0 if staged else 100, cache_cpu_percent=0)
     wp = weight_plan(layers, probe, dtype, cpu)
     bp = block_plan(layers, probe, dtype, micro_batches, workload.prompt_len, capacity, spec.hidden_size,
-                    spec.vocab_size, spec.num_heads)
+                    spec.vocab_size, spec.num_heads, workload.scored)
     full_cache = block_plan(layers, replace(probe, cache_gpu_percent=100), dtype, micro_batches, workload.prompt_len,
-                            capacity, spec.hidden_size, spec.vocab_size, spec.num_heads)
-    cache = sum(full_cache.bytes[t].get("KV cache", 0) for t in Tier)
+                            capacity, spec.hidden_size, spec.vocab_size, spec.num_heads, workload.scored)
+    # scoring keeps its keys and values as scratch on the compute device: fixed bytes, not placed by the LP
+    cache = 0 if workload.scored is not None else sum(full_cache.bytes[t].get("KV cache", 0) for t in Tier)
     fixed = wp + bp
     for tier in Tier:  # the placed bytes are the LP's; what remains is fixed
         fixed.bytes[tier].pop("weights", None)
-        fixed.bytes[tier].pop("KV cache", None)
+        if workload.scored is None:
+            fixed.bytes[tier].pop("KV cache", None)
     return _Memory(_unique_weight_bytes(layers, policy, dtype), cache, fixed.total(Tier.COMPUTE), fixed.total(Tier.HOST))
 
 
@@ -255,10 +257,14 @@ def _policy_from(place: Placement, policy: Policy) -> Policy:
 
 def exact_memory(layers, policy: Policy, dtype, micro_batches: int, workload: Workload, spec, cpu: bool) -> Plan:
     """The bytes per tier the engine will account for this stage (and refuse it on)."""
-    capacity = workload.prompt_len + workload.gen_len
     return weight_plan(layers, policy, dtype, cpu) + block_plan(
-        layers, policy, dtype, micro_batches, workload.prompt_len, capacity, spec.hidden_size, spec.vocab_size,
-        spec.num_heads)
+        layers, policy, dtype, micro_batches, workload.prompt_len, _capacity(workload), spec.hidden_size,
+        spec.vocab_size, spec.num_heads, workload.scored)
+
+
+def _capacity(workload: Workload) -> int:
+    """Tokens each row's KV cache holds: a scoring block's are its prompt's."""
+    return workload.prompt_len + (0 if workload.scored is not None else workload.gen_len)
 
 
 def shortfall(memory: Plan, budgets: Budgets, cpu: bool) -> tuple[str, int] | None:

@@ -144,10 +144,11 @@ class Planned:
 
 
 def plan_run(ctx: DistContext, job: JobConfig, config: PlannerConfig, engine_config: EngineConfig, gen_len: int,
-             policy: Policy, requests, given: set[str]) -> Planned:
+             policy: Policy, requests, given: set[str], given_workload: Workload | None = None) -> Planned:
     """Measure every rank and, with `--policy auto` (the default without --percent), plan the job.
-    `policy` is the one the flags give; `given` names the options the user set (kept as set)."""
-    auto = config.policy == "auto" or (config.policy is None and "percent" not in given)
+    `policy` is the one the flags give; `given` names the options the user set (kept as set).
+    `given_workload` (rank 0's) replaces the one the job's requests give (a scoring workload)."""
+    auto = plans_policy(config, given)
     model = resolve_model(job.model, dummy_weights=engine_config.dummy_weights)
     spec = model.spec
     if config.rank_mem and len(config.rank_mem) != ctx.world_size:
@@ -157,6 +158,8 @@ def plan_run(ctx: DistContext, job: JobConfig, config: PlannerConfig, engine_con
         limit_host_memory(int(mine * GiB))
     workload, num_prompts = (job_workload(job, gen_len, requests, job.tokenizer or model.tokenizer_path,
                                           spec.max_positions) if ctx.first else (None, 0))
+    if workload is not None and given_workload is not None:
+        workload = given_workload
     device = Devices.detect().compute
     dtypes = dtype_candidates(engine_config.dtype, device, spec.hidden_size)
     fixed = {k: getattr(policy, k) for k in given & POLICY_CHOICES}
@@ -174,6 +177,11 @@ def plan_run(ctx: DistContext, job: JobConfig, config: PlannerConfig, engine_con
         if ctx.first and not job.quiet:
             print(decision.text)
     return Planned(auto, decision, ranks, workload, num_prompts, spec, options)
+
+
+def plans_policy(config: PlannerConfig, given: set[str]) -> bool:
+    """Whether the planner chooses the policy: `--policy auto`, or no policy and no --percent given."""
+    return config.policy == "auto" or (config.policy is None and "percent" not in given)
 
 
 POLICY_CHOICES = {"gpu_batch_size", "num_gpu_batches", "compress_weight", "compress_cache"}

@@ -41,15 +41,17 @@ def unpack(message: torch.Tensor, shape) -> tuple[torch.Tensor, int]:
     return message[:-1].view(shape), int(message[-1])
 
 
-def step_inputs(mask: torch.Tensor, new: int, dtype: torch.dtype, device) -> StepInputs:
-    """Positions and the additive attention bias for the last `new` columns of `mask`."""
+def step_inputs(mask: torch.Tensor, new: int, dtype: torch.dtype, device, targets=None) -> StepInputs:
+    """Positions and the additive attention bias for the last `new` columns of `mask` (and, when
+    scoring, the target tokens of the last positions: see `StepInputs.targets`)."""
     total = mask.shape[1]
     start = total - new
     positions = ((mask.long().cumsum(1) - 1) * mask)[:, start:]
     causal = torch.arange(total)[None, :] <= torch.arange(start, total)[:, None]  # (new, total)
     visible = causal[None, None] & mask[:, None, None, :]
     bias = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
-    return StepInputs(positions.to(device), bias.to(device), start)
+    return StepInputs(positions.to(device), bias.to(device), start,
+                      None if targets is None else targets.to(device))
 
 
 def pieces(width: int, chunks: int) -> list[tuple[int, int]]:

@@ -14,7 +14,7 @@ import torch
 from ..core.errors import FlexGenError
 from ..core.policy import Policy, split_rows, weight_homes
 from ..core.types import GiB, Tier
-from ..models.base import Layer
+from ..models.base import SCORE_CHUNK, Layer
 from ..storage.kvcache import kv_token_bytes
 from ..storage.store import stored_nbytes
 from ..system.limits import host_available, require_disk_space
@@ -91,24 +91,34 @@ def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is
     return plan
 
 
+SCRATCH_CACHE = (100.0, 0.0, 0.0)  # a scoring block's keys and values: on the compute device, never stored
+
+
 def block_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, micro_batches: int, prompt_len: int,
-               capacity: int, hidden: int, vocab: int, heads: int) -> Plan:
+               capacity: int, hidden: int, vocab: int, heads: int, scored: int | None = None) -> Plan:
     """The KV cache of every micro-batch in flight for `capacity` tokens, its compute-side staging,
-    the hidden states between layers and the largest prefill intermediates."""
+    the hidden states between layers and the largest prefill intermediates. `scored`: a scoring
+    (prefill-only) block whose rows score that many positions each; its keys and values are
+    scratch on the compute device (`scoring_cache`) and its head makes `scored` positions' logits."""
     plan, elem, gbs = Plan(), _elem(dtype), policy.gpu_batch_size
-    compression = policy.cache_compression()
+    compression = None if scored is not None else policy.cache_compression()
+    percents = SCRATCH_CACHE if scored is not None else policy.tier_percents("cache")
     for layer in (la for la in layers if la.has_cache):
         per_row = capacity * kv_token_bytes(1, layer.kv_heads, layer.head_dim, dtype, compression)
-        for tier, a, b in split_rows(gbs, policy.tier_percents("cache")):
+        for tier, a, b in split_rows(gbs, percents):
             plan.add(tier, "KV cache", per_row * (b - a) * policy.num_gpu_batches * micro_batches)
-        in_place = policy.cache_gpu_percent == 100 and compression is None
+        in_place = percents[0] == 100 and compression is None
         if not in_place:  # a loaded (layer, batch) and the next one prefetched
             plan.add(Tier.COMPUTE, "KV staging", 2 * 2 * gbs * layer.kv_heads * capacity * layer.head_dim * elem)
     rows = policy.block_size * micro_batches
     plan.add(policy.act_tier, "activations", rows * prompt_len * hidden * elem)
     widest = max([max(w.shape) for la in layers for w in la.weights  # the MLP's inner width, not the vocabulary
                   if len(w.shape) == 2 and vocab not in w.shape] + [hidden])
-    prefill = gbs * prompt_len * (3 * widest * elem + heads * prompt_len * 4) + gbs * vocab * 4  # query heads' scores
+    if scored is None:
+        logits = gbs * vocab * 4
+    else:  # a few positions' logits at a time, their log-softmax and argmax (models.base.score_positions)
+        logits = min(gbs * scored * vocab, max(SCORE_CHUNK, gbs * vocab)) * 4 * 3
+    prefill = gbs * prompt_len * (3 * widest * elem + heads * prompt_len * 4) + logits  # query heads' scores
     plan.add(Tier.COMPUTE, "prefill intermediates", prefill)
     return plan
 

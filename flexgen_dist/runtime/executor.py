@@ -33,6 +33,7 @@ from ..storage.homes import WeightHome, WeightSource
 from ..storage.kvcache import KVCache
 from ..system.io import ReadSlab
 from ..system.limits import share_one_allocator_arena, trim_allocator
+from .budget import SCRATCH_CACHE
 
 IO_THREADS = 4
 
@@ -128,9 +129,12 @@ class LocalExecutor:
         return out
 
     # ----- KV cache ----------------------------------------------------------------------------
-    def allocate_caches(self, batch_rows: list[int], capacity: int) -> dict[tuple[int, int], KVCache]:
-        percents = self.policy.tier_percents("cache")
-        compression = self.policy.cache_compression()
+    def allocate_caches(self, batch_rows: list[int], capacity: int,
+                        scratch: bool = False) -> dict[tuple[int, int], KVCache]:
+        """KV caches by the policy; `scratch` (a scoring block, read only by its own prefill): all
+        on the compute device, uncompressed, so nothing is written to a slower tier."""
+        percents = SCRATCH_CACHE if scratch else self.policy.tier_percents("cache")
+        compression = None if scratch else self.policy.cache_compression()
         prefix = os.path.join(self.work_dir, f"kv.{os.getpid()}.{next(self._allocations)}")
         return {(j, k): KVCache(self.devices, split_rows(rows, percents), layer.kv_heads, layer.head_dim,
                                 capacity, self.dtype, f"{prefix}.{j}.{k}", compression)

@@ -17,7 +17,16 @@ import torch.nn.functional as F
 from ...core.compression import TABLE
 from ...kernels.attention import attend
 from ...kernels.linear import embedding, linear
-from ..base import EMBED, HEAD, Layer, ModelError, StepInputs, merge_layers, specs
+from ..base import (
+    EMBED,
+    HEAD,
+    Layer,
+    ModelError,
+    StepInputs,
+    merge_layers,
+    score_positions,
+    specs,
+)
 from .config import LlamaSpec
 
 
@@ -95,9 +104,13 @@ def mlp(w, x, inputs: StepInputs, *, spec: LlamaSpec) -> torch.Tensor:
 
 
 def output_head(w, x, inputs: StepInputs, *, spec: LlamaSpec) -> torch.Tensor:
-    """Logits of the last position only, in float32 (b, vocab)."""
-    x = rms_norm(x[:, -1], w["norm.weight"], spec.rms_norm_eps)
-    return linear(x, w["lm_head"]).float()
+    """Logits of the last position only, in float32 (b, vocab); when scoring, the scores of the
+    positions that predict `inputs.targets` (see `score_positions`)."""
+    def logits_of(h):
+        return linear(rms_norm(h, w["norm.weight"], spec.rms_norm_eps), w["lm_head"]).float()
+    if inputs.targets is None:
+        return logits_of(x[:, -1])
+    return score_positions(x[:, -inputs.targets.shape[1]:], inputs.targets, logits_of, spec.vocab_size)
 
 
 def _matmul(key: str, name: str, out_f: int, in_f: int, bias: bool = False) -> list[tuple]:

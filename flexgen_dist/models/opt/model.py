@@ -12,7 +12,15 @@ import torch.nn.functional as F
 from ...core.compression import TABLE
 from ...kernels.attention import attend
 from ...kernels.linear import embedding, linear
-from ..base import EMBED, HEAD, Layer, StepInputs, merge_layers, specs
+from ..base import (
+    EMBED,
+    HEAD,
+    Layer,
+    StepInputs,
+    merge_layers,
+    score_positions,
+    specs,
+)
 from .config import OPTSpec
 
 POSITION_OFFSET = 2  # OPT's learned positions start at index 2
@@ -59,13 +67,17 @@ def mlp(w, x, inputs: StepInputs, *, spec: OPTSpec) -> torch.Tensor:
 
 
 def output_head(w, x, inputs: StepInputs, *, spec: OPTSpec) -> torch.Tensor:
-    """Logits of the last position only, in float32 (b, vocab)."""
-    x = x[:, -1]
-    if "ln.weight" in w:
-        x = _ln(x, w, "ln", spec.layer_norm_eps)
-    if "project_out" in w:
-        x = linear(x, w["project_out"])
-    return linear(x, w["embed_tokens"]).float()
+    """Logits of the last position only, in float32 (b, vocab); when scoring, the scores of the
+    positions that predict `inputs.targets` (see `score_positions`)."""
+    def logits_of(h):
+        if "ln.weight" in w:
+            h = _ln(h, w, "ln", spec.layer_norm_eps)
+        if "project_out" in w:
+            h = linear(h, w["project_out"])
+        return linear(h, w["embed_tokens"]).float()
+    if inputs.targets is None:
+        return logits_of(x[:, -1])
+    return score_positions(x[:, -inputs.targets.shape[1]:], inputs.targets, logits_of, spec.vocab_size)
 
 
 def _linear(key: str, name: str, out_f: int, in_f: int):

@@ -1,0 +1,105 @@
+"""Scoring: log-likelihoods of continuations given contexts (lm-eval's `loglikelihood`) and of whole
+documents over windows of the model's context (`loglikelihood_rolling`), through the same block
+schedule as generation but prefill-only (`runtime.score.ScoreRun`).
+
+Requests are sorted longest first and cut into blocks of `micro_batches * block_size` rows, so rows
+of a block have similar lengths; results come back in request order. Every rank calls with the
+same requests; rank 0 gets the results.
+"""
+from __future__ import annotations
+
+from tqdm import tqdm
+
+from ..core.errors import FlexGenError
+from ..runtime.score import ScoreRun
+from ..runtime.stats import GenerationStats
+
+
+def model_input(context: list[int], continuation: list[int], max_len: int) -> tuple[list[int], list[int]]:
+    """(input ids, targets) of one request, cut to the model's context as lm-eval's `hf` backend
+    cuts it: the last `max_len + 1` tokens of context + continuation, less the last one."""
+    return (list(context) + list(continuation))[-(max_len + 1):][:-1], list(continuation)
+
+
+def _checked(engine, requests) -> list[tuple[list[int], list[int]]]:
+    if engine.closed:
+        raise FlexGenError("this Engine is closed; make a new one with Engine.from_pretrained")
+    out, limit, vocab = [], engine.spec.max_positions, engine.spec.vocab_size
+    for i, pair in enumerate(requests):
+        context, continuation = (list(map(int, part)) for part in pair)
+        if not continuation:
+            raise FlexGenError(f"scoring request {i} has an empty continuation")
+        if not context:
+            raise FlexGenError(f"scoring request {i} has an empty context (give at least one token, e.g. BOS)")
+        if len(continuation) > limit:
+            raise FlexGenError(f"scoring request {i}'s continuation has {len(continuation)} tokens; the model "
+                               f"has {limit} positions")
+        bad = [t for t in context + continuation if not 0 <= t < vocab]
+        if bad:
+            raise FlexGenError(f"scoring request {i} has token id {bad[0]} outside the vocabulary (0-{vocab - 1})")
+        out.append(model_input(context, continuation, limit))
+    return out
+
+
+def score(engine, requests) -> list[tuple[float, bool]] | None:
+    """(summed log-probability, greedy) per (context, continuation) request, in request order."""
+    rows = _checked(engine, requests)
+    if not rows:
+        return [] if engine.ctx.first else None
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    block = engine.micro_batches * engine.policy.block_size
+    stats = GenerationStats(prompts=len(rows), prompt_tokens=sum(len(inp) for inp, _ in rows))
+    bar = tqdm(total=len(rows), unit="req", desc="scoring", disable=not engine.progress)
+    results: list[tuple[float, bool] | None] = [None] * len(rows)
+    for b0 in range(0, len(order), block):
+        chunk = order[b0:b0 + block]
+        scores = ScoreRun(engine, [rows[i][0] for i in chunk], [rows[i][1] for i in chunk]).run(stats)
+        if scores is not None:
+            for r, i in enumerate(chunk):
+                n = len(rows[i][1])
+                part = scores[r, -n:]
+                results[i] = (float(part[:, 0].double().sum()), bool(part[:, 1].all()))
+        bar.update(len(chunk))
+    bar.close()
+    engine.ring.flush()
+    engine.last_stats = stats
+    return results if engine.ctx.first else None
+
+
+def rolling_windows(tokens: list[int], prefix_token: int, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) pairs covering `tokens` as lm-eval's `get_rolling_token_windows`
+    (context_len=1) followed by `make_disjoint_window` cuts them: every token is predicted once,
+    each window with as much preceding text as the model's context holds."""
+    windows, predicted, total = [], 0, len(tokens)
+    first = min(max_len, total)
+    windows.append(([prefix_token] + tokens[:first - 1], tokens[:first]))
+    predicted += first
+    while predicted < total:
+        span = min(total - predicted, max_len)
+        end = predicted + span
+        windows.append((tokens[max(end - max_len - 1, 0):end - 1], tokens[end - span:end]))
+        predicted += span
+    return [(inp[:len(inp) - (len(cont) - 1)], cont) for inp, cont in windows]
+
+
+def score_rolling(engine, docs, prefix_token: int | None = None) -> list[float] | None:
+    """Summed log-likelihood of each document (token ids), predicted from `prefix_token` (default:
+    the model's BOS, else its EOS) over windows of the model's context."""
+    spec = engine.spec
+    prefix = prefix_token if prefix_token is not None else (
+        spec.bos_token_id if spec.bos_token_id is not None else spec.pad_id)
+    pairs, owner = [], []
+    for d, doc in enumerate(docs):
+        tokens = list(map(int, doc))
+        if not tokens:
+            raise FlexGenError(f"document {d} is empty")
+        for pair in rolling_windows(tokens, prefix, spec.max_positions):
+            pairs.append(pair)
+            owner.append(d)
+    scored = score(engine, pairs)
+    if scored is None:
+        return None
+    totals = [0.0] * len(docs)
+    for d, (logprob, _) in zip(owner, scored):
+        totals[d] += logprob
+    return totals
