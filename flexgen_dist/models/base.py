@@ -7,7 +7,7 @@ already on the compute device, the hidden states, and (for attention layers) a K
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +81,7 @@ class WeightSpec:
     compressible: bool | str = False  # matmul weights (True) and vocabulary tables (TABLE); never norms or biases
     linear: bool = False  # used as a `kernels.linear` weight (may be packed for the device)
     init: str = "normal"
+    expert: int | None = None  # the routed expert it belongs to: read only when a token routes to it
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,35 @@ class Layer:
         return self.kv_heads > 0
 
 
+def take(weights: Mapping, keys: list[str]) -> list:
+    """`weights[k]` for every key. A mapping that loads on demand (the executor's view of a layer
+    whose routed experts are read only when used) gets all of `keys` requested at once first."""
+    prefetch = getattr(weights, "prefetch", None)
+    if prefetch is not None:
+        prefetch(keys)
+    return [weights[k] for k in keys]
+
+
+class PartWeights(Mapping):
+    """The weights of part `i` of a merged layer, keyed without the `i.` prefix; nothing is read
+    from the parent mapping until asked for."""
+
+    def __init__(self, parent: Mapping, i: int):
+        self.parent, self.prefix = parent, f"{i}."
+
+    def __getitem__(self, key: str):
+        return self.parent[self.prefix + key]
+
+    def __iter__(self) -> Iterator[str]:
+        return (k[len(self.prefix):] for k in self.parent if k.startswith(self.prefix))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def prefetch(self, keys: list[str]) -> None:
+        take(self.parent, [self.prefix + k for k in keys])
+
+
 def merge_layers(name: str, parts: list[Layer]) -> Layer:
     """Run several layers of one block as one schedule layer (FlexGen's `--sep-layer 0`)."""
     weights = [dataclasses.replace(w, key=f"{i}.{w.key}") for i, p in enumerate(parts) for w in p.weights]
@@ -129,7 +159,7 @@ def merge_layers(name: str, parts: list[Layer]) -> Layer:
 
     def forward(weights, x, inputs, kv=None):
         for i, part in enumerate(parts):
-            mine = {k.split(".", 1)[1]: v for k, v in weights.items() if k.split(".", 1)[0] == str(i)}
+            mine = PartWeights(weights, i)
             x = part.forward(mine, x, inputs, kv) if part.has_cache else part.forward(mine, x, inputs)
         return x
 
