@@ -19,8 +19,16 @@ from test_pipeline import MPIRUN, run_pipeline_job
 
 NEW_TOKENS = 8
 SUBSET = ["all-compute", "weights-3-tiers", "cache-disk", "act-disk", "merged-layers", "all-disk-no-overlap"]
+# experts apart from the dense weights: split over three tiers, or all on disk under resident dense weights
+PLACEMENTS = {**PLACEMENTS,
+              "experts-3-tiers": dict(percent=[100, 0, 100, 0, 100, 0], experts_gpu_percent=30, experts_cpu_percent=30,
+                                      gpu_batch_size=2, num_gpu_batches=2),
+              "experts-disk": dict(percent=[50, 50, 100, 0, 100, 0], experts_gpu_percent=0, experts_cpu_percent=0,
+                                   gpu_batch_size=3, compress_weight=True)}
+SUBSET += ["experts-3-tiers"]
 # every placement for Qwen2-MoE (shared expert, a dense layer among sparse ones); a cross-section for the others
-CASES = [("qwen2_moe", p) for p in PLACEMENTS] + [(v, p) for v in VARIANTS if v != "qwen2_moe" for p in SUBSET]
+CASES = [("qwen2_moe", p) for p in PLACEMENTS if p != "experts-disk"] + \
+    [(v, p) for v in VARIANTS if v != "qwen2_moe" for p in SUBSET]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +111,7 @@ def _grid_checkpoint(path: str, out) -> str:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("placement", ["all-compute", "weights-3-tiers"])
+@pytest.mark.parametrize("placement", ["all-compute", "weights-3-tiers", "experts-disk"])
 def test_compressed_weights_match_the_grid_checkpoint(checkpoints, variant, placement, tmp_path, int4_mode):
     """Weights already on the 4-bit grid are stored losslessly: a compressed run gives the tokens
     and logits of an uncompressed run of them (experts multiplied packed or dequantized); and
@@ -112,7 +120,8 @@ def test_compressed_weights_match_the_grid_checkpoint(checkpoints, variant, plac
     grid = _grid_checkpoint(path, tmp_path / "grid")
     plain = run_engine(grid, tmp_path / "a", gpu_batch_size=5)
     options = dict(PLACEMENTS[placement])
-    packed = run_engine(grid, tmp_path / "b", options.pop("percent"), compress_weight=True, **options)
+    options["compress_weight"] = True
+    packed = run_engine(grid, tmp_path / "b", options.pop("percent"), **options)
     assert_matches(packed, plain)
     assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(plain[1], ref[1]))
 
@@ -172,3 +181,111 @@ def test_builtin_moe_shapes():
     blocks, head = flops_per_token(spec, 0)
     embedding = spec.vocab_size * spec.hidden_size  # looked up, not multiplied; counted in the 3.3 B
     assert (blocks + head) / 2 + embedding == pytest.approx(3.3e9, rel=0.03)  # "A3B": 3.3 B active parameters
+
+
+def _record_reads_and_routes(monkeypatch) -> list:
+    """Events in order: ("step",) at each forward step, ("read", name, bytes) at each disk read
+    of the weight store, ("route", experts) at each router call."""
+    from flexgen_dist.models.moe import model as moe_model
+    from flexgen_dist.runtime.executor import LocalExecutor
+    from flexgen_dist.storage.store import TensorStore
+    events, read, route, step = [], TensorStore.read, moe_model.route, LocalExecutor.forward_step
+
+    def recording_read(self, name, alloc=None):
+        events.append(("read", name, self.file_bytes(name)))
+        return read(self, name, alloc)
+
+    def recording_route(h, router, spec):
+        top, experts = route(h, router, spec)
+        events.append(("route", sorted(set(experts.reshape(-1).tolist()))))
+        return top, experts
+
+    def recording_step(self, *args):
+        events.append(("step",))
+        return step(self, *args)
+    monkeypatch.setattr(TensorStore, "read", recording_read)
+    monkeypatch.setattr(moe_model, "route", recording_route)
+    monkeypatch.setattr(LocalExecutor, "forward_step", recording_step)
+    return events
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_decode_at_batch_one_reads_only_routed_experts_from_disk(checkpoints, tmp_path, monkeypatch, overlap):
+    """Weights on disk (read with O_DIRECT through the store), one sequence: each decode step reads
+    from each MoE layer exactly the experts its token routes to (2 of 8), never the others."""
+    path, _, ref = checkpoints["olmoe"]
+    spec = spec_from_dir(path)
+    policy = Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=1, overlap=overlap)
+    engine = Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path, dtype="float32")
+    events = _record_reads_and_routes(monkeypatch)
+    try:
+        ids = engine.generate([PROMPTS[0]], max_new_tokens=NEW_TOKENS)
+    finally:
+        engine.close()
+    assert torch.equal(ids[0, -NEW_TOKENS:], ref[0][0, -NEW_TOKENS:])
+    steps, current = [], None
+    for event in events:
+        if event[0] == "step":
+            current = {"reads": [], "routes": []}
+            steps.append(current)
+        elif current is not None:
+            current[event[0] + "s"].append(event[1:])
+    assert len(steps) == NEW_TOKENS
+    expert_bytes = 3 * spec.hidden_size * spec.moe_ffn_dim * 4  # gate, up, down in float32
+    for step in steps[1:]:  # decode
+        assert len(step["routes"]) == spec.num_layers
+        for i, (routed,) in enumerate(step["routes"]):
+            assert len(routed) == spec.experts_per_tok
+            read = {name for name, _ in step["reads"] if name.startswith(f"layers.{i}.mlp.experts.")}
+            assert read == {f"layers.{i}.mlp.experts.{e}.{p}_proj.weight" for e in routed for p in ("gate", "up", "down")}
+        read_bytes = sum(size for name, size in step["reads"] if ".experts." in name)
+        assert read_bytes == spec.num_layers * spec.experts_per_tok * expert_bytes  # of num_experts per layer
+
+
+def test_plan_shows_where_the_experts_live(tmp_path):
+    """The printed plan (a hand-written machine profile, see test_planner) says how many experts
+    each MoE layer has, where they live and how many a block step touches."""
+    from flexgen_dist.planning.optimizer import Model, plan
+    from flexgen_dist.planning.report import describe
+    from test_planner import WORK, options, rank
+    spec = builtin_spec("olmoe-1b-7b")
+    model, ranks = Model(spec, family_of(spec)), [rank(tmp_path, spec, 4)]
+    text = describe(plan(model, ranks, WORK, 16, options()), ranks, model)
+    line = next(line for line in text.splitlines() if "experts:" in line)
+    assert "16 MoE layers x 64 experts of" in line and "8 per token" in line, text
+
+
+def test_experts_are_homed_whole_by_their_own_percents():
+    """Dense weights by the weights' percents; experts by the experts' percents, each expert's three
+    tensors on one tier; unset expert percents follow the weights'."""
+    from flexgen_dist.core.policy import weight_homes
+    from flexgen_dist.core.types import Tier
+    spec = builtin_spec("qwen1.5-moe-a2.7b")
+    layers = family_of(spec).build_layers(spec, 0, 2)
+    size = lambda w: torch.Size(w.shape).numel()  # noqa: E731
+    policy = Policy(w_gpu_percent=100, w_cpu_percent=0, experts_gpu_percent=25, experts_cpu_percent=50)
+    homes = weight_homes(layers, policy, size)
+    for layer in layers:
+        dense = {homes[w.name] for w in layer.weights if w.expert is None}
+        assert dense == {Tier.COMPUTE}
+        tiers = {}
+        for w in layer.weights:
+            if w.expert is not None:
+                tiers.setdefault(w.expert, set()).add(homes[w.name])
+        if layer.top_k:
+            assert all(len(t) == 1 for t in tiers.values())
+            counts = {tier: sum(t == {tier} for t in tiers.values()) for tier in Tier}
+            assert counts == {Tier.COMPUTE: 15, Tier.HOST: 30, Tier.DISK: 15}, counts
+    same = weight_homes(layers, Policy(w_gpu_percent=0, w_cpu_percent=0), size)
+    assert set(same.values()) == {Tier.DISK}
+
+
+def test_builtin_specs_round_trip_through_hf_configs():
+    """Every built-in MoE shape, written as a config.json, reads back as the same spec (what lets
+    a benchmark hand transformers the very model the engine runs)."""
+    from flexgen_dist.models import BUILTIN
+    from flexgen_dist.models.moe.config import spec_from_config, to_hf_config
+    moes = [s for s in BUILTIN.values() if s.family == "moe"]
+    assert len(moes) == 6
+    for spec in moes:
+        assert spec_from_config(json.loads(json.dumps(to_hf_config(spec))), spec.name) == spec

@@ -116,10 +116,15 @@ class Layer:
     parts: list[Layer] = field(default_factory=list)
     part: str = BLOCK
     block: int = -1
+    top_k: int = 0  # routed experts per token (a mixture-of-experts layer; 0: none)
 
     @property
     def has_cache(self) -> bool:
         return self.kv_heads > 0
+
+    @property
+    def num_experts(self) -> int:
+        return len({w.expert for w in self.weights if w.expert is not None})
 
 
 def take(weights: Mapping, keys: list[str]) -> list:
@@ -165,7 +170,7 @@ def merge_layers(name: str, parts: list[Layer]) -> Layer:
 
     return Layer(name, weights, forward, kv_heads=cached[0].kv_heads if cached else 0,
                  head_dim=cached[0].head_dim if cached else 0, parts=parts, part=parts[0].part,
-                 block=parts[0].block)
+                 block=parts[0].block, top_k=max(p.top_k for p in parts))
 
 
 def weight_elements(layer: Layer) -> int:
