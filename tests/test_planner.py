@@ -221,3 +221,23 @@ def test_the_planner_keeps_what_the_user_fixed(tmp_path):
     base = dataclasses.replace(Policy(), overlap=False)
     p = plan(m, [rank(tmp_path, m.spec, 16)], WORK, 64, options(base=base))
     assert p.stages[0].policy.overlap is False
+
+
+def test_moe_disk_reads_count_the_experts_a_block_touches(tmp_path):
+    """A MoE layer on disk reads its dense weights and the experts its block's tokens are expected
+    to touch, E(1 - (1 - k/E)^tokens): k experts for one token, nearly all for a large block."""
+    from flexgen_dist.planning.costmodel import experts_touched
+    m = model("qwen3-30b-a3b")
+    mach = machine(tmp_path, m.spec, disk_bw=1e9)
+    layer = m.layers(0, 1, False, False)[1]
+    experts, k = m.spec.num_experts, m.spec.experts_per_tok
+    assert layer.num_experts == experts and layer.top_k == k
+    expert_bytes = sum(torch.Size(w.shape).numel() * 2 for w in layer.weights if w.expert == 0)
+    dense_bytes = sum(torch.Size(w.shape).numel() * 2 for w in layer.weights if w.expert is None)
+    for rows, touched in ((1, k), (4, experts_touched(experts, k, 4)), (512, experts_touched(experts, k, 512))):
+        policy = Policy(gpu_batch_size=rows)
+        cost = layer_cost(layer, Step(rows=rows, new=1, context=10), policy, Placement((0, 0, 1)), BF16, mach,
+                          m.spec.num_heads, m.spec.hidden_size)
+        assert cost["disk"] == pytest.approx((dense_bytes + touched * expert_bytes) / 1e9)
+    assert experts_touched(experts, k, 1) == pytest.approx(k)
+    assert experts_touched(experts, k, 4) < 4 * k and experts_touched(experts, k, 512) > 0.99 * experts

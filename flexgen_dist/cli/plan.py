@@ -65,10 +65,11 @@ def main(argv=None) -> int:
         ranks = [this_rank(spec, config, offload_dir, dtypes, r, announce=r == 0) for r in range(args.ranks)]
         num_prompts = args.num_prompts or 4096
         options = options_for(config, Policy(), dtypes)
-        best = plan(Model(spec, family_of(spec)), ranks, Workload(args.prompt_len, args.gen_len), num_prompts, options)
+        model = Model(spec, family_of(spec))
+        best = plan(model, ranks, Workload(args.prompt_len, args.gen_len), num_prompts, options)
         if args.num_prompts is None:
             best = replace(best, num_prompts=best.block_rows)
-        print(describe(best, ranks))
+        print(describe(best, ranks, model))
     except FlexGenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
