@@ -289,3 +289,19 @@ def test_builtin_specs_round_trip_through_hf_configs():
     assert len(moes) == 6
     for spec in moes:
         assert spec_from_config(json.loads(json.dumps(to_hf_config(spec))), spec.name) == spec
+
+
+def test_memory_plan_buffers_one_layer_of_routed_experts():
+    """The memory precheck holds two layers' dense disk reads in buffers (the layer in use and the
+    one prefetched) and one layer's experts (read when routed to, freed with the layer's use), not
+    two whole MoE layers."""
+    from flexgen_dist.core.types import Tier
+    from flexgen_dist.runtime.budget import weight_plan
+    spec = builtin_spec("qwen3-30b-a3b")
+    layers = family_of(spec).build_layers(spec, 0, 2, with_embed=False, with_head=False)
+    plan = weight_plan(layers, Policy(w_gpu_percent=0, w_cpu_percent=0), torch.bfloat16, host_is_compute=True)
+    moe = next(la for la in layers if la.top_k)
+    experts = sum(torch.Size(w.shape).numel() * 2 for w in moe.weights if w.expert is not None)
+    dense = max(sum(torch.Size(w.shape).numel() * 2 for w in la.weights if w.expert is None) for la in layers)
+    assert plan.bytes[Tier.HOST]["routed experts read"] == experts
+    assert plan.bytes[Tier.HOST]["disk read buffers"] == 2 * dense
