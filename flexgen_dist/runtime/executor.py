@@ -56,7 +56,12 @@ class Inline:
 @dataclass
 class LoadedWeights:
     tensors: LayerWeights
-    moved_bytes: int  # bytes materialised on the compute tier for this use only
+    eager_moved: int  # bytes the up-front load materialised on the compute tier for this use only
+
+    @property
+    def moved_bytes(self) -> int:
+        """Bytes materialised on the compute tier for this use only, routed experts' included."""
+        return self.eager_moved + self.tensors.moved_bytes
 
 
 class LayerWeights(Mapping):
@@ -65,7 +70,8 @@ class LayerWeights(Mapping):
     them (`models.base.take`, after routing), so an expert no token of the block uses is never read."""
 
     def __init__(self, tensors: dict, lazy: dict[str, WeightHome], load):
-        self.tensors, self.lazy, self._load = tensors, lazy, load
+        """`load(homes)` -> (tensors, bytes they moved onto the compute tier)."""
+        self.tensors, self.lazy, self._load, self.moved_bytes = tensors, lazy, load, 0
 
     def __getitem__(self, key: str):
         if key not in self.tensors:
@@ -84,7 +90,9 @@ class LayerWeights(Mapping):
         """Load every key of `keys` not loaded yet, all reads in flight at once."""
         missing = [k for k in dict.fromkeys(keys) if k not in self.tensors and k in self.lazy]
         if missing:
-            self.tensors.update(zip(missing, self._load([self.lazy[k] for k in missing])))
+            loaded, moved = self._load([self.lazy[k] for k in missing])
+            self.tensors.update(zip(missing, loaded))
+            self.moved_bytes += moved
 
 
 @dataclass
@@ -195,17 +203,15 @@ class LocalExecutor:
         moved = sum(t.nbytes for t, home in zip(loaded, homes) if t is not home.value and not in_slab(t))
         self.devices.usage[Tier.COMPUTE].add(moved)
         lazy = {w.key: self.homes[w.name] for w in self.layers[j].weights if w.expert is not None}
-        result = LoadedWeights(LayerWeights(tensors, lazy, lambda homes: self._load_experts(result, homes)), moved)
-        return result
+        return LoadedWeights(LayerWeights(tensors, lazy, self._load_experts), moved)
 
-    def _load_experts(self, weights: LoadedWeights, homes: list[WeightHome]) -> list:
+    def _load_experts(self, homes: list[WeightHome]) -> tuple[list, int]:
         """Experts' tensors on the compute device, read in parallel into buffers of their own (they
-        live as long as the layer's use), counted in the use's moved bytes."""
+        live as long as the layer's use), and the bytes that moved onto the compute tier."""
         loaded = list(_WEIGHT_READERS.map(lambda home: home.load(self.devices), homes))
         moved = sum(t.nbytes for t, home in zip(loaded, homes) if t is not home.value)
         self.devices.usage[Tier.COMPUTE].add(moved)
-        weights.moved_bytes += moved
-        return loaded
+        return loaded, moved
 
     def _wait(self, future: Future):
         t0 = time.perf_counter()
