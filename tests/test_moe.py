@@ -262,7 +262,8 @@ def test_experts_are_homed_whole_by_their_own_percents():
     from flexgen_dist.core.types import Tier
     spec = builtin_spec("qwen1.5-moe-a2.7b")
     layers = family_of(spec).build_layers(spec, 0, 2)
-    size = lambda w: torch.Size(w.shape).numel()  # noqa: E731
+    def size(w) -> int:
+        return torch.Size(w.shape).numel()
     policy = Policy(w_gpu_percent=100, w_cpu_percent=0, experts_gpu_percent=25, experts_cpu_percent=50)
     homes = weight_homes(layers, policy, size)
     for layer in layers:

@@ -44,9 +44,9 @@ def _experts(model, stage, p: RunPlan) -> list[str]:
     each = sum(stored_nbytes(w, p.dtype, pol.weight_compression()) for w in layer.weights if w.expert == 0)
     decode = experts_touched(layer.num_experts, layer.top_k, pol.block_size)
     prefill = experts_touched(layer.num_experts, layer.top_k, pol.block_size * p.workload.prompt_len)
-    return [f"    experts: {len(layers)} MoE layers x {layer.num_experts} experts of {each / 2**20:.1f} MiB, "
-            f"{layer.top_k} per token, on {_tiers(pol, 'experts')}; a block step touches about "
-            f"{decode:.1f} per layer in decode, {prefill:.1f} in prefill (only those are read)"]
+    return [(f"    experts: {len(layers)} MoE layers x {layer.num_experts} experts of {each / 2**20:.1f} MiB, "
+             f"{layer.top_k} per token, on {_tiers(pol, 'experts')}; a block step touches about "
+             f"{decode:.1f} per layer in decode, {prefill:.1f} in prefill (only those are read)")]
 
 
 def _onoff(flag: bool) -> str:
