@@ -30,23 +30,31 @@ SYSTEMS = {
     "flexgen-disk": {"system": "flexgen", "percent": [0, 0, 100, 0, 100, 0]},
     "transformers": {"system": "transformers"},
     "accelerate-disk": {"system": "accelerate", "max_memory": {"cpu": "64MiB"}},
+    # MoE: attention, router, embeddings in memory; every expert on disk, read when routed to
+    "flexgen-experts-disk": {"system": "flexgen", "percent": [100, 0, 100, 0, 100, 0], "experts_percent": [0, 0]},
 }
 
 
-def write_checkpoint(model: str, path: str, seed: int = 0, shard_bytes: int = 1 << 30) -> str:
+def write_checkpoint(model: str, path: str, seed: int = 0, shard_bytes: int = 1 << 30, layers: int = 0) -> str:
     """A Hugging Face checkpoint (config.json, bf16 safetensors shards) of a built-in Llama-family
-    spec, filled by the engine's own seeded dummy rule, so every system reads the same weights."""
+    or mixture-of-experts spec (its first `layers` blocks when given), filled by the engine's own
+    seeded dummy rule, so every system reads the same weights."""
+    import dataclasses
+
     from safetensors.torch import save_file
 
     from flexgen_dist.models import builtin_spec, family_of
-    from flexgen_dist.models.llama.config import to_hf_config
     from flexgen_dist.models.checkpoint import DummySource
+    from flexgen_dist.models.llama.config import to_hf_config
+    from flexgen_dist.models.moe.config import to_hf_config as moe_hf_config
     spec = builtin_spec(model)
-    if spec is None or spec.family != "llama":
-        raise SystemExit(f"error: {model!r} is not a built-in Llama-family model")
+    if spec is None or spec.family not in ("llama", "moe"):
+        raise SystemExit(f"error: {model!r} is not a built-in Llama-family or MoE model")
+    spec = dataclasses.replace(spec, num_layers=layers) if layers else spec
+    hf_config = moe_hf_config if spec.family == "moe" else to_hf_config
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({**to_hf_config(spec), "dtype": "bfloat16"}, f, indent=1)
+        json.dump({**hf_config(spec), "dtype": "bfloat16"}, f, indent=1)
     source = DummySource(spec, seed)
     shapes = {w.name: w.shape for layer in family_of(spec).build_layers(spec) for w in layer.weights}
     shard, size, index = {}, 0, {}
@@ -123,6 +131,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("checkpoint")
     c.add_argument("--model", default="llama-3.2-1b")
+    c.add_argument("--layers", type=int, default=0, help="only the first N blocks (0: all)")
     c.add_argument("path")
     r = sub.add_parser("run")
     r.add_argument("--checkpoint", required=True)
@@ -141,7 +150,7 @@ def main() -> None:
     g.add_argument("--repeat", type=int, default=10)
     args = p.parse_args()
     if args.cmd == "checkpoint":
-        print(write_checkpoint(args.model, args.path))
+        print(write_checkpoint(args.model, args.path, layers=args.layers))
     elif args.cmd == "run":
         cmd_run(args)
     else:

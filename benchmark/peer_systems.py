@@ -38,6 +38,7 @@ class RunSpec:
     percent: list[float] = field(default_factory=lambda: [100, 0, 100, 0, 100, 0])  # flexgen
     compress_weight: bool = False  # flexgen
     compress_cache: bool = False  # flexgen
+    experts_percent: list[float] | None = None  # flexgen, MoE: experts' (gpu, cpu) percents (default: as weights)
     dtype: str = "bfloat16"
     max_memory: dict | None = None  # accelerate: weights kept per device, e.g. {"cpu": "600MiB"} or {"0": "15GiB", "cpu": "200GiB"}
     gpu_memory_gib: float | None = None  # cap this process's CUDA memory, to emulate a smaller GPU
@@ -82,8 +83,9 @@ def random_prompts(spec: RunSpec) -> torch.Tensor:
 
 def run_flexgen(spec: RunSpec, prompts: torch.Tensor) -> dict:
     from flexgen_dist import Engine, Policy
+    experts = dict(zip(("experts_gpu_percent", "experts_cpu_percent"), spec.experts_percent or ()))
     policy = Policy.from_percent(spec.percent, gpu_batch_size=spec.batch // spec.ngb, num_gpu_batches=spec.ngb,
-                                 compress_weight=spec.compress_weight, compress_cache=spec.compress_cache)
+                                 compress_weight=spec.compress_weight, compress_cache=spec.compress_cache, **experts)
     engine = Engine.from_pretrained(spec.checkpoint, policy=policy, offload_dir=spec.offload_dir, dtype=spec.dtype)
     if spec.prepare_only:
         engine.close()

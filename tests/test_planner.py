@@ -255,3 +255,23 @@ def test_a_cpu_whose_packed_layout_is_slower_keeps_weights_plain_in_host_memory(
     assert chosen.throughput > 1.1 * as_resident.throughput  # (disk-bound at 2 GiB: less to gain)
     fast_packing = with_layers(rank(tmp_path, m.spec, host_gib), m.spec, packed_over_plain=1 / 3)
     assert plan(m, [fast_packing], WORK, 64, options()).stages[0].policy.w_cpu_percent == 0
+
+
+def test_moe_disk_reads_count_the_experts_a_block_touches(tmp_path):
+    """A MoE layer on disk reads its dense weights and the experts its block's tokens are expected
+    to touch, E(1 - (1 - k/E)^tokens): k experts for one token, nearly all for a large block."""
+    from flexgen_dist.planning.costmodel import experts_touched
+    m = model("qwen3-30b-a3b")
+    mach = machine(tmp_path, m.spec, disk_bw=1e9)
+    layer = m.layers(0, 1, False, False)[1]
+    experts, k = m.spec.num_experts, m.spec.experts_per_tok
+    assert layer.num_experts == experts and layer.top_k == k
+    expert_bytes = sum(torch.Size(w.shape).numel() * 2 for w in layer.weights if w.expert == 0)
+    dense_bytes = sum(torch.Size(w.shape).numel() * 2 for w in layer.weights if w.expert is None)
+    for rows, touched in ((1, k), (4, experts_touched(experts, k, 4)), (512, experts_touched(experts, k, 512))):
+        policy = Policy(gpu_batch_size=rows)
+        cost = layer_cost(layer, Step(rows=rows, new=1, context=10), policy, Placement((0, 0, 1)), BF16, mach,
+                          m.spec.num_heads, m.spec.hidden_size)
+        assert cost["disk"] == pytest.approx((dense_bytes + touched * expert_bytes) / 1e9)
+    assert experts_touched(experts, k, 1) == pytest.approx(k)
+    assert experts_touched(experts, k, 4) < 4 * k and experts_touched(experts, k, 512) > 0.99 * experts

@@ -88,10 +88,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(max(threads // args.ranks, 1))  # each rank's share of the cores
         ranks = [this_rank(spec, config, offload_dir, dtypes, r, announce=r == 0) for r in range(args.ranks)]
         options = options_for(config, Policy(), dtypes)
-        best = plan(Model(spec, family_of(spec)), ranks, workload, num_prompts or 4096, options)
+        model = Model(spec, family_of(spec))
+        best = plan(model, ranks, workload, num_prompts or 4096, options)
         if num_prompts is None:
             best = replace(best, num_prompts=best.block_rows)
-        print(describe(best, ranks))
+        print(describe(best, ranks, model))
     except FlexGenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

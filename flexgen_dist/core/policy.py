@@ -39,6 +39,12 @@ class Policy:
     """Activations between layers on the compute device (0 or 100)."""
     act_cpu_percent: float = 0
     """Activations between layers in host memory (0 or 100; neither = disk)."""
+    experts_gpu_percent: float | None = None
+    """Percent of each MoE layer's experts homed on the compute device, whole experts (default: the
+    weights' percent). Attention, router and shared expert follow the weights' percents."""
+    experts_cpu_percent: float | None = None
+    """Percent of each MoE layer's experts homed in host memory (the rest on disk; default: the
+    weights' percent)."""
     overlap: bool = True
     """Prefetch weights and cache and store new KV on I/O threads while computing."""
     sep_layer: bool = True
@@ -92,8 +98,8 @@ class Policy:
             value = getattr(self, field_name)
             if not isinstance(value, int) or value < 1:
                 raise PolicyError(f"{name(field_name)} must be a positive integer, got {value!r}")
-        for kind in ("w", "cache", "act"):
-            gpu, cpu = getattr(self, f"{kind}_gpu_percent"), getattr(self, f"{kind}_cpu_percent")
+        for kind in ("w", "cache", "act", "experts"):
+            gpu, cpu = self.tier_percents(kind)[:2]
             for value in (gpu, cpu):
                 if not 0 <= value <= 100:
                     raise PolicyError(f"{kind} percent {value:g} is outside 0-100")
@@ -107,8 +113,11 @@ class Policy:
         return self
 
     def tier_percents(self, kind: str) -> tuple[float, float, float]:
-        """(compute, host, disk) percents for 'w', 'cache' or 'act'."""
+        """(compute, host, disk) percents for 'w', 'cache', 'act' or 'experts' (the weights' unless set)."""
         gpu, cpu = getattr(self, f"{kind}_gpu_percent"), getattr(self, f"{kind}_cpu_percent")
+        if kind == "experts":
+            w_gpu, w_cpu = self.w_gpu_percent, self.w_cpu_percent
+            gpu, cpu = (w_gpu if gpu is None else gpu), (w_cpu if cpu is None else cpu)
         return gpu, cpu, 100 - gpu - cpu
 
     @property
@@ -136,12 +145,22 @@ def assign_weight_tiers(sizes: list[int], percents: tuple[float, float, float]) 
 def weight_homes(layers, policy: Policy, size) -> dict[str, Tier]:
     """Every weight's home tier, as the executor places them: FlexGen's rule (`assign_weight_tiers`)
     applied layer by layer to the bytes `size(weight_spec)` each takes where it lives; a weight
-    two layers share (a tied embedding) is homed once, by the first. In layer order."""
+    two layers share (a tied embedding) is homed once, by the first. A layer's routed experts are
+    placed apart, whole experts by the experts' percents, each expert's tensors on one tier. In
+    layer order."""
     homes: dict[str, Tier] = {}
     for layer in layers:
-        sizes = [size(w) for w in layer.weights]
-        for w, tier in zip(layer.weights, assign_weight_tiers(sizes, policy.tier_percents("w"))):
+        dense = [w for w in layer.weights if w.expert is None]
+        for w, tier in zip(dense, assign_weight_tiers([size(w) for w in dense], policy.tier_percents("w"))):
             homes.setdefault(w.name, tier)
+        experts: dict[int, list] = {}
+        for w in layer.weights:
+            if w.expert is not None:
+                experts.setdefault(w.expert, []).append(w)
+        sizes = [sum(size(w) for w in ws) for ws in experts.values()]
+        for ws, tier in zip(experts.values(), assign_weight_tiers(sizes, policy.tier_percents("experts"))):
+            for w in ws:
+                homes.setdefault(w.name, tier)
     return homes
 
 

@@ -7,7 +7,7 @@ already on the compute device, the hidden states, and (for attention layers) a K
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +81,7 @@ class WeightSpec:
     compressible: bool | str = False  # matmul weights (True) and vocabulary tables (TABLE); never norms or biases
     linear: bool = False  # used as a `kernels.linear` weight (may be packed for the device)
     init: str = "normal"
+    expert: int | None = None  # the routed expert it belongs to: read only when a token routes to it
 
 
 @dataclass(frozen=True)
@@ -139,10 +140,44 @@ class Layer:
     parts: list[Layer] = field(default_factory=list)
     part: str = BLOCK
     block: int = -1
+    top_k: int = 0  # routed experts per token (a mixture-of-experts layer; 0: none)
 
     @property
     def has_cache(self) -> bool:
         return self.kv_heads > 0
+
+    @property
+    def num_experts(self) -> int:
+        return len({w.expert for w in self.weights if w.expert is not None})
+
+
+def take(weights: Mapping, keys: list[str]) -> list:
+    """`weights[k]` for every key. A mapping that loads on demand (the executor's view of a layer
+    whose routed experts are read only when used) gets all of `keys` requested at once first."""
+    prefetch = getattr(weights, "prefetch", None)
+    if prefetch is not None:
+        prefetch(keys)
+    return [weights[k] for k in keys]
+
+
+class PartWeights(Mapping):
+    """The weights of part `i` of a merged layer, keyed without the `i.` prefix; nothing is read
+    from the parent mapping until asked for."""
+
+    def __init__(self, parent: Mapping, i: int):
+        self.parent, self.prefix = parent, f"{i}."
+
+    def __getitem__(self, key: str):
+        return self.parent[self.prefix + key]
+
+    def __iter__(self) -> Iterator[str]:
+        return (k[len(self.prefix):] for k in self.parent if k.startswith(self.prefix))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def prefetch(self, keys: list[str]) -> None:
+        take(self.parent, [self.prefix + k for k in keys])
 
 
 def merge_layers(name: str, parts: list[Layer]) -> Layer:
@@ -153,13 +188,13 @@ def merge_layers(name: str, parts: list[Layer]) -> Layer:
 
     def forward(weights, x, inputs, kv=None):
         for i, part in enumerate(parts):
-            mine = {k.split(".", 1)[1]: v for k, v in weights.items() if k.split(".", 1)[0] == str(i)}
+            mine = PartWeights(weights, i)
             x = part.forward(mine, x, inputs, kv) if part.has_cache else part.forward(mine, x, inputs)
         return x
 
     return Layer(name, weights, forward, kv_heads=cached[0].kv_heads if cached else 0,
                  head_dim=cached[0].head_dim if cached else 0, parts=parts, part=parts[0].part,
-                 block=parts[0].block)
+                 block=parts[0].block, top_k=max(p.top_k for p in parts))
 
 
 def weight_elements(layer: Layer) -> int:

@@ -9,9 +9,10 @@ import os
 
 from .base import Family, ModelError, ModelSpec
 from .llama import FAMILY as LLAMA
+from .moe import FAMILY as MOE
 from .opt import FAMILY as OPT
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (OPT, LLAMA)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (OPT, LLAMA, MOE)}
 _BY_MODEL_TYPE = {t: family for family in FAMILIES.values() for t in family.model_types}
 
 BUILTIN: dict[str, ModelSpec] = {s.name: s for family in FAMILIES.values() for s in family.builtin}

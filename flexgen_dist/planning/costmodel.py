@@ -98,6 +98,27 @@ def stored_bytes(layer: Layer, policy: Policy, dtype: torch.dtype) -> list[int]:
     return [stored_nbytes(w, dtype, policy.weight_compression()) for w in layer.weights]
 
 
+def experts_touched(num_experts: int, top_k: int, tokens: float) -> float:
+    """Expected distinct experts that `tokens` tokens route to, each choosing `top_k` of
+    `num_experts` (uniformly, independently): E * (1 - (1 - k/E)^tokens)."""
+    if not num_experts:
+        return 0.0
+    return num_experts * (1 - (1 - top_k / num_experts) ** tokens)
+
+
+def used_shares(layer: Layer, tokens: float) -> list[float]:
+    """Per weight of `layer`, the expected share of its uses that read it when `tokens` tokens pass
+    the layer: 1 for dense weights, experts touched / experts for a routed expert's."""
+    experts = layer.num_experts
+    share = experts_touched(experts, layer.top_k, tokens) / experts if experts else 1.0
+    return [1.0 if w.expert is None else share for w in layer.weights]
+
+
+def block_tokens(step: Step, policy: Policy) -> int:
+    """Tokens that pass a layer in one token step of a whole block (every batch)."""
+    return step.rows * step.new * policy.num_gpu_batches
+
+
 def realized_placement(layer: Layer, homes: dict[str, Tier], policy: Policy, dtype: torch.dtype) -> Placement:
     """The fractions the executor really gives this layer: whole tensors go to one tier each,
     `homes` (of the stage's weights, `weight_homes`): a tied weight lives where its first layer put it."""
@@ -116,7 +137,7 @@ def layer_cost(layer: Layer, step: Step, policy: Policy, place: Placement, dtype
         _add(per_batch, _cache_traffic(layer, step, policy, place, dtype, machine))
     _add(per_batch, _activation_traffic(step, policy, dtype, machine, hidden))
     cost = {k: v * policy.num_gpu_batches for k, v in per_batch.items()}  # every batch does the same
-    _add(cost, _weight_load(layer, policy, place, dtype, machine))  # once per step for all batches
+    _add(cost, _weight_load(layer, policy, place, dtype, machine, block_tokens(step, policy)))  # once per step
     return cost
 
 
@@ -129,18 +150,23 @@ def _add(into: dict[str, float], part: dict[str, float]) -> None:
         into[k] += v
 
 
-def _weight_load(layer: Layer, policy: Policy, place: Placement, dtype: torch.dtype, machine: Machine) -> dict:
+def _weight_load(layer: Layer, policy: Policy, place: Placement, dtype: torch.dtype, machine: Machine,
+                 tokens: int) -> dict:
     """Disk reads of disk-homed weights, link copies of non-resident ones on a GPU, and
-    decompression of compressed ones (every use, whatever their tier)."""
+    decompression of compressed ones (every use, whatever their tier). Of a MoE layer's experts,
+    only those the block's `tokens` are expected to touch are read (placement fractions applied
+    to the bytes used, which keeps the cost linear in them)."""
     rates, name = machine.profile, dtype_name(dtype)
-    stored = sum(stored_bytes(layer, policy, dtype))
+    shares = used_shares(layer, tokens)
+    stored = sum(s * u for s, u in zip(stored_bytes(layer, policy, dtype), shares))
     _, host, disk = place.weights
     cost = {"disk": machine.disk_s(disk * stored, 0)}
     if not machine.cpu:
         cost["link"] = (host + disk) * stored / rates.rate("copy to compute")
     if policy.compress_weight:
         config = policy.weight_compression()
-        dense = sum(torch.Size(w.shape).numel() * elem(dtype) for w in layer.weights if compresses(config, w.compressible))
+        dense = sum(torch.Size(w.shape).numel() * elem(dtype) * u for w, u in zip(layer.weights, shares)
+                    if compresses(config, w.compressible))
         cost["compute"] = dense / rates.rate(f"decompress {name}")
     return cost
 
@@ -190,9 +216,15 @@ def _priced_layer(layer: Layer, step: Step, dtype: torch.dtype, machine: Machine
     DECODE_CONTEXT or PREFILL_TOKENS tokens (`_attention_beyond` adds the rest)."""
     rates = machine.profile
     seconds = rates.rate(overhead_key(dtype, machine.spec))
+    tokens = step.rows * step.new
+    touched = experts_touched(layer.num_experts, layer.top_k, tokens)
     for w in (w for w in layer.weights if w.linear):
         n, k = w.shape
-        seconds += rates.matmul_s(dtype, step.rows * step.new, k, n, packed=packed)
+        if w.expert is None:
+            seconds += rates.matmul_s(dtype, tokens, k, n, packed=packed)
+        else:  # each touched expert multiplies its share of the tokens' k choices
+            rows = max(1, round(tokens * layer.top_k / touched))
+            seconds += rates.matmul_s(dtype, rows, k, n, packed=packed) * touched / layer.num_experts
     if layer.has_cache:
         base = Step(step.rows, step.new, DECODE_CONTEXT if step.new == 1 else PREFILL_TOKENS)
         seconds += _attention_beyond(layer, replace(base, context=2 * base.context), dtype, machine,

@@ -191,11 +191,12 @@ def _decide(ctx, spec, ranks, workload, num_prompts, options):
     if not ctx.first:
         return None
     try:
-        best = plan(Model(spec, family_of(spec)), ranks, workload, num_prompts or options.max_block, options)
+        model = Model(spec, family_of(spec))
+        best = plan(model, ranks, workload, num_prompts or options.max_block, options)
         if not num_prompts:  # synthetic prompts without --num-prompts: one block, as the planner sizes it
             best = replace(best, num_prompts=best.block_rows)
         return Decision([s.policy for s in best.stages], best.stage_layers, best.micro_batches,
-                        dtype_name(best.dtype), describe(best, ranks), best.prefill_chunks)
+                        dtype_name(best.dtype), describe(best, ranks, model), best.prefill_chunks)
     except FlexGenError as e:
         return e
 

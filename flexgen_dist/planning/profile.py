@@ -224,7 +224,7 @@ def layer_key(dtype: torch.dtype, spec, kind: str, phase: str, tokens: int, pack
 
 
 def layer_kind(layer) -> str:
-    return "attention" if layer.has_cache else "mlp"
+    return "attention" if layer.has_cache else "moe" if layer.top_k else "mlp"
 
 
 def choice_key(vocab: int) -> str:

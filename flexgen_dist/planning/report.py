@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from ..core.policy import Policy
 from ..core.types import GiB, Tier, dtype_name
+from ..storage.store import stored_nbytes
+from .costmodel import experts_touched
 from .optimizer import Rank, RunPlan
 from .profile import Budgets
 
 
 # ----- the printed plan ------------------------------------------------------------------------
-def describe(p: RunPlan, ranks: list[Rank]) -> str:
+def describe(p: RunPlan, ranks: list[Rank], model=None) -> str:
     first = p.stages[0].policy
     lines = [f"plan: {p.num_prompts} prompts of {p.workload.prompt_len} tokens, {p.workload.gen_len} new tokens each; "
              f"dtype {dtype_name(p.dtype)}",
@@ -22,6 +24,8 @@ def describe(p: RunPlan, ranks: list[Rank]) -> str:
         lines.append(f"  rank {i}: layers {stage.first}-{stage.last - 1}; weights {_tiers(pol, 'w')}; "
                      f"KV cache {_tiers(pol, 'cache')}; activations on {pol.act_tier.value}")
         lines.append(f"    --percent {' '.join(f'{x:g}' for x in pol.percent)}")
+        if model is not None:
+            lines.extend(_experts(model, stage, p))
         lines.append("    predicted memory: " + _memory(stage.memory, rank))
         lines.append(f"    predicted per block: prefill {stage.prefill_s:.2f} s, decode {stage.decode_s:.2f} s; "
                      f"busiest resource: {stage.bottleneck} ("
@@ -29,6 +33,20 @@ def describe(p: RunPlan, ranks: list[Rank]) -> str:
     lines.append(f"  predicted: prefill {p.prefill_s:.2f} s + decode {p.decode_s:.2f} s per block, "
                  f"{p.total_s:.2f} s in all, {p.throughput:.2f} generated tokens/s")
     return "\n".join(lines)
+
+
+def _experts(model, stage, p: RunPlan) -> list[str]:
+    """Where a MoE stage's experts live and how many of them a block step is expected to touch."""
+    layers = [la for la in model.layers(stage.first, stage.last, False, False) if la.top_k]
+    if not layers:
+        return []
+    layer, pol = layers[0], stage.policy
+    each = sum(stored_nbytes(w, p.dtype, pol.weight_compression()) for w in layer.weights if w.expert == 0)
+    decode = experts_touched(layer.num_experts, layer.top_k, pol.block_size)
+    prefill = experts_touched(layer.num_experts, layer.top_k, pol.block_size * p.workload.prompt_len)
+    return [(f"    experts: {len(layers)} MoE layers x {layer.num_experts} experts of {each / 2**20:.1f} MiB, "
+             f"{layer.top_k} per token, on {_tiers(pol, 'experts')}; a block step touches about "
+             f"{decode:.1f} per layer in decode, {prefill:.1f} in prefill (only those are read)")]
 
 
 def _onoff(flag: bool) -> str:

@@ -62,19 +62,22 @@ def _elem(dtype: torch.dtype) -> int:
 def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is_compute: bool) -> Plan:
     """Weights at their homes (FlexGen's per-layer rule on stored bytes, as the executor places
     them), plus the compute-side buffers of the two layers in flight (weights read, copied or
-    decompressed for one use) and the host read buffers of disk-homed weights."""
+    decompressed for one use), the host read buffers of disk-homed weights and of one layer's
+    disk-homed routed experts."""
     compression = policy.weight_compression()
 
     def stored(w) -> int:
         return stored_nbytes(w, dtype, compression)
 
     homes = weight_homes(layers, policy, stored)
-    plan, in_flight, disk_reads = Plan(), [], []
+    plan, in_flight, disk_reads, expert_reads = Plan(), [], [], [0]
     for layer in layers:
         moved = disk = 0
         for w in layer.weights:
             tier, size = homes[w.name], stored(w)
-            if tier is Tier.DISK:
+            if tier is Tier.DISK and w.expert is not None:  # read into buffers of its own, when routed to
+                expert_reads[-1] += size
+            elif tier is Tier.DISK:
                 disk += size
             dense = torch.Size(w.shape).numel() * _elem(dtype)
             # on a CPU a plain weight read from disk is used where it lands, in the read buffers
@@ -83,11 +86,14 @@ def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is
                 moved += dense
         in_flight.append(moved)
         disk_reads.append(disk)
+        expert_reads.append(0)
     sizes = {w.name: stored(w) for layer in layers for w in layer.weights}
     for name, tier in homes.items():
         plan.add(tier, "weights", sizes[name])
     plan.add(Tier.COMPUTE, "weights in flight", 2 * max(in_flight, default=0))
     plan.add(Tier.HOST, "disk read buffers", 2 * max(disk_reads, default=0))
+    # a large block routes to every expert of a layer: one layer's disk-homed experts at a time
+    plan.add(Tier.HOST, "routed experts read", max(expert_reads))
     return plan
 
 

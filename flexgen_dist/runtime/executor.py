@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -55,8 +56,44 @@ class Inline:
 
 @dataclass
 class LoadedWeights:
-    tensors: dict[str, torch.Tensor]
-    moved_bytes: int  # bytes materialised on the compute tier for this use only
+    tensors: LayerWeights
+    eager_moved: int  # bytes the up-front load materialised on the compute tier for this use only
+
+    @property
+    def moved_bytes(self) -> int:
+        """Bytes materialised on the compute tier for this use only, routed experts' included."""
+        return self.eager_moved + self.tensors.moved_bytes
+
+
+class LayerWeights(Mapping):
+    """A layer's weights for one use (every batch of a block), by layer-local key: dense weights
+    loaded up front; routed experts' (`WeightSpec.expert`) loaded the first time the math asks for
+    them (`models.base.take`, after routing), so an expert no token of the block uses is never read."""
+
+    def __init__(self, tensors: dict, lazy: dict[str, WeightHome], load):
+        """`load(homes)` -> (tensors, bytes they moved onto the compute tier)."""
+        self.tensors, self.lazy, self._load, self.moved_bytes = tensors, lazy, load, 0
+
+    def __getitem__(self, key: str):
+        if key not in self.tensors:
+            if key not in self.lazy:
+                raise KeyError(key)
+            self.prefetch([key])
+        return self.tensors[key]
+
+    def __iter__(self):
+        return iter(dict.fromkeys([*self.tensors, *self.lazy]))
+
+    def __len__(self) -> int:
+        return len(dict.fromkeys([*self.tensors, *self.lazy]))
+
+    def prefetch(self, keys: list[str]) -> None:
+        """Load every key of `keys` not loaded yet, all reads in flight at once."""
+        missing = [k for k in dict.fromkeys(keys) if k not in self.tensors and k in self.lazy]
+        if missing:
+            loaded, moved = self._load([self.lazy[k] for k in missing])
+            self.tensors.update(zip(missing, loaded))
+            self.moved_bytes += moved
 
 
 @dataclass
@@ -96,7 +133,8 @@ class LocalExecutor:
     def _read_slabs(self, store: WeightSource) -> list[ReadSlab]:
         """Two buffers for disk-homed weights, each the size of the largest layer's reads: the layer
         being computed and the one being prefetched take turns (loads happen strictly in order)."""
-        need = max((sum(store.file_bytes(w.name) for w in layer.weights if self.homes[w.name].tier is Tier.DISK)
+        need = max((sum(store.file_bytes(w.name) for w in layer.weights
+                        if self.homes[w.name].tier is Tier.DISK and w.expert is None)
                     for layer in self.layers), default=0)
         return [ReadSlab(need), ReadSlab(need)] if need else []
 
@@ -154,7 +192,8 @@ class LocalExecutor:
 
     # ----- weights -----------------------------------------------------------------------------
     def _load_weights(self, j: int) -> LoadedWeights:
-        specs = self.layers[j].weights
+        """Layer j's dense weights now (reads into a slab); its experts when the math asks for them."""
+        specs = [w for w in self.layers[j].weights if w.expert is None]
         homes = [self.homes[w.name] for w in specs]
         alloc = None
         if self._slabs:  # the slab two loads ago held weights whose layer has finished since
@@ -172,7 +211,16 @@ class LocalExecutor:
             return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == slab_memory
         moved = sum(t.nbytes for t, home in zip(loaded, homes) if t is not home.value and not in_slab(t))
         self.devices.usage[Tier.COMPUTE].add(moved)
-        return LoadedWeights(tensors, moved)
+        lazy = {w.key: self.homes[w.name] for w in self.layers[j].weights if w.expert is not None}
+        return LoadedWeights(LayerWeights(tensors, lazy, self._load_experts), moved)
+
+    def _load_experts(self, homes: list[WeightHome]) -> tuple[list, int]:
+        """Experts' tensors on the compute device, read in parallel into buffers of their own (they
+        live as long as the layer's use), and the bytes that moved onto the compute tier."""
+        loaded = list(_WEIGHT_READERS.map(lambda home: home.load(self.devices), homes))
+        moved = sum(t.nbytes for t, home in zip(loaded, homes) if t is not home.value)
+        self.devices.usage[Tier.COMPUTE].add(moved)
+        return loaded, moved
 
     def _wait(self, future: Future):
         t0 = time.perf_counter()

@@ -27,13 +27,14 @@ class LlamaSpec(ModelSpec):
     qkv_bias: bool = False  # Qwen2 always; Llama/Qwen3 when `attention_bias`
     o_bias: bool = False  # Llama/Qwen3 `attention_bias`
     qk_norm: bool = False  # Qwen3
+    qk_norm_whole: bool = False  # OLMoE: q/k norms over the whole projection (all heads), not per head
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # set only when it is smaller than the config's positions
     config_max_positions: int = 0  # the config's max_position_embeddings where a window lowered max_positions
 
 
 
-def _rope(config: dict, name: str) -> dict:
+def rope_fields(config: dict, name: str) -> dict:
     """Rotary settings from either config format: transformers 5's `rope_parameters`, or the
     `rope_theta` + `rope_scaling` that checkpoints on the hub carry."""
     params = dict(config.get("rope_parameters") or {})
@@ -53,17 +54,17 @@ def _rope(config: dict, name: str) -> dict:
     return out
 
 
-def _window(config: dict) -> int | None:
+def sliding_window_of(config: dict) -> int | None:
     """The sliding window that really applies: Mistral's when set; Qwen's only with use_sliding_window."""
     window = config.get("sliding_window")
-    if config["model_type"] in ("qwen2", "qwen3"):
+    if config["model_type"].startswith("qwen"):
         layer_types = config.get("layer_types") or []
         sliding = config.get("use_sliding_window", False) and (not layer_types or "sliding_attention" in layer_types)
         window = window if sliding else None
     return window if window and window < config["max_position_embeddings"] else None
 
 
-def _refuse_unsupported(config: dict, name: str) -> None:
+def refuse_unsupported(config: dict, name: str) -> None:
     if config.get("hidden_act", "silu") != "silu":
         raise ModelError(f"{name}: MLP activation {config['hidden_act']!r} is not supported (only silu)")
     if config.get("mlp_bias"):
@@ -75,11 +76,11 @@ def _refuse_unsupported(config: dict, name: str) -> None:
 
 def spec_from_config(config: dict, name: str) -> LlamaSpec:
     """A Llama / Mistral / Qwen2 / Qwen3 `config.json` -> LlamaSpec (ModelError on what it cannot run)."""
-    _refuse_unsupported(config, name)
+    refuse_unsupported(config, name)
     kind = config["model_type"]
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
     bias = bool(config.get("attention_bias", False))
-    window = _window(config)
+    window = sliding_window_of(config)
     eos = eos_ids(config.get("eos_token_id"))
     return LlamaSpec(
         name=name, model_type=kind, vocab_size=config["vocab_size"], hidden_size=hidden,
@@ -91,7 +92,7 @@ def spec_from_config(config: dict, name: str) -> LlamaSpec:
         qkv_bias=kind == "qwen2" or bias, o_bias=kind != "qwen2" and bias, qk_norm=kind == "qwen3",
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         sliding_window=window, config_max_positions=config["max_position_embeddings"] if window else 0,
-        **_rope(config, name))
+        **rope_fields(config, name))
 
 
 LLAMA3_ROPE = dict(rope_theta=500000.0, rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,

@@ -83,8 +83,11 @@ def attention(w, x, inputs: StepInputs, kv, *, spec: LlamaSpec, inv_freq: torch.
     if spec.sliding_window and end > spec.sliding_window:  # the engine refuses such prompts up front
         raise ModelError(f"{spec.name}: {end} positions exceed the sliding window ({spec.sliding_window}); "
                          "sliding-window attention is not supported")
-    q = linear(x, w["q.weight"], w.get("q.bias")).view(b, s, spec.num_heads, spec.head_dim)
-    k = linear(x, w["k.weight"], w.get("k.bias")).view(b, s, spec.kv_heads, spec.head_dim)
+    q, k = linear(x, w["q.weight"], w.get("q.bias")), linear(x, w["k.weight"], w.get("k.bias"))
+    if spec.qk_norm_whole:  # OLMoE: over all heads' features at once
+        q = rms_norm(q, w["q_norm.weight"], spec.rms_norm_eps)
+        k = rms_norm(k, w["k_norm.weight"], spec.rms_norm_eps)
+    q, k = q.view(b, s, spec.num_heads, spec.head_dim), k.view(b, s, spec.kv_heads, spec.head_dim)
     v = linear(x, w["v.weight"], w.get("v.bias")).view(b, s, spec.kv_heads, spec.head_dim)
     if spec.qk_norm:  # Qwen3: RMSNorm over each head's own features, before the rotation
         q = rms_norm(q, w["q_norm.weight"], spec.rms_norm_eps)
@@ -113,39 +116,63 @@ def output_head(w, x, inputs: StepInputs, *, spec: LlamaSpec) -> torch.Tensor:
     return score_positions(x[:, -inputs.targets.shape[1]:], inputs.targets, logits_of, spec.vocab_size)
 
 
-def _matmul(key: str, name: str, out_f: int, in_f: int, bias: bool = False) -> list[tuple]:
+def matmul_entries(key: str, name: str, out_f: int, in_f: int, bias: bool = False) -> list[tuple]:
     entries = [(f"{key}.weight", f"{name}.weight", (out_f, in_f), True, True)]
     if bias:
         entries.append((f"{key}.bias", f"{name}.bias", (out_f,), False, False, "zeros"))
     return entries
 
 
-def _norm(key: str, name: str, dim: int) -> list[tuple]:
+def norm_entries(key: str, name: str, dim: int) -> list[tuple]:
     return [(key, name, (dim,), False, False, "ones")]
 
 
-def _block(spec: LlamaSpec, i: int, inv_freq: torch.Tensor) -> list[Layer]:
+def attention_entries(spec: LlamaSpec) -> list[tuple]:
+    """The (key, name, ...) entries of one block's attention layer (see `specs`)."""
     h, q_out, kv_out = spec.hidden_size, spec.num_heads * spec.head_dim, spec.kv_heads * spec.head_dim
-    attn = (_norm("ln.weight", "input_layernorm.weight", h)
-            + _matmul("q", "self_attn.q_proj", q_out, h, spec.qkv_bias)
-            + _matmul("k", "self_attn.k_proj", kv_out, h, spec.qkv_bias)
-            + _matmul("v", "self_attn.v_proj", kv_out, h, spec.qkv_bias)
-            + _matmul("o", "self_attn.o_proj", h, q_out, spec.o_bias))
-    if spec.qk_norm:
-        attn += (_norm("q_norm.weight", "self_attn.q_norm.weight", spec.head_dim)
-                 + _norm("k_norm.weight", "self_attn.k_norm.weight", spec.head_dim))
-    ffn = (_norm("ln.weight", "post_attention_layernorm.weight", h)
-           + _matmul("gate", "mlp.gate_proj", spec.ffn_dim, h) + _matmul("up", "mlp.up_proj", spec.ffn_dim, h)
-           + _matmul("down", "mlp.down_proj", h, spec.ffn_dim))
-    p = f"layers.{i}."
-    return [Layer(f"attn.{i}", specs(p, attn), partial(attention, spec=spec, inv_freq=inv_freq),
-                  spec.kv_heads, spec.head_dim, block=i),
-            Layer(f"mlp.{i}", specs(p, ffn), partial(mlp, spec=spec), block=i)]
+    attn = (norm_entries("ln.weight", "input_layernorm.weight", h)
+            + matmul_entries("q", "self_attn.q_proj", q_out, h, spec.qkv_bias)
+            + matmul_entries("k", "self_attn.k_proj", kv_out, h, spec.qkv_bias)
+            + matmul_entries("v", "self_attn.v_proj", kv_out, h, spec.qkv_bias)
+            + matmul_entries("o", "self_attn.o_proj", h, q_out, spec.o_bias))
+    if spec.qk_norm or spec.qk_norm_whole:
+        q_dim, k_dim = (q_out, kv_out) if spec.qk_norm_whole else (spec.head_dim, spec.head_dim)
+        attn += (norm_entries("q_norm.weight", "self_attn.q_norm.weight", q_dim)
+                 + norm_entries("k_norm.weight", "self_attn.k_norm.weight", k_dim))
+    return attn
+
+
+def mlp_entries(spec: LlamaSpec, ffn_dim: int) -> list[tuple]:
+    """The entries of a dense SwiGLU MLP layer of width `ffn_dim`."""
+    h = spec.hidden_size
+    return (norm_entries("ln.weight", "post_attention_layernorm.weight", h)
+            + matmul_entries("gate", "mlp.gate_proj", ffn_dim, h) + matmul_entries("up", "mlp.up_proj", ffn_dim, h)
+            + matmul_entries("down", "mlp.down_proj", h, ffn_dim))
+
+
+def attention_layer(spec: LlamaSpec, i: int, inv_freq: torch.Tensor) -> Layer:
+    return Layer(f"attn.{i}", specs(f"layers.{i}.", attention_entries(spec)),
+                 partial(attention, spec=spec, inv_freq=inv_freq), spec.kv_heads, spec.head_dim, block=i)
+
+
+def mlp_layer(spec: LlamaSpec, i: int, ffn_dim: int) -> Layer:
+    return Layer(f"mlp.{i}", specs(f"layers.{i}.", mlp_entries(spec, ffn_dim)), partial(mlp, spec=spec), block=i)
+
+
+def _block(spec: LlamaSpec, i: int, inv_freq: torch.Tensor) -> list[Layer]:
+    return [attention_layer(spec, i, inv_freq), mlp_layer(spec, i, spec.ffn_dim)]
 
 
 def build_layers(spec: LlamaSpec, first: int = 0, last: int | None = None,
                  with_embed: bool = True, with_head: bool = True, sep_layer: bool = True) -> list[Layer]:
     """Schedule layers for transformer blocks [first, last), optionally with embedding and head."""
+    return layers_with_blocks(spec, _block, first, last, with_embed, with_head, sep_layer)
+
+
+def layers_with_blocks(spec: LlamaSpec, block, first: int = 0, last: int | None = None, with_embed: bool = True,
+                       with_head: bool = True, sep_layer: bool = True) -> list[Layer]:
+    """`build_layers` with `block(spec, i, inv_freq)` building each transformer block's layers
+    (a family sharing Llama's embedding, attention and head, with its own MLP)."""
     last = spec.num_layers if last is None else last
     table = (spec.vocab_size, spec.hidden_size)
     inv_freq = rope_inv_freq(spec)
@@ -154,11 +181,11 @@ def build_layers(spec: LlamaSpec, first: int = 0, last: int | None = None,
         entries = [("embed_tokens", "embed_tokens.weight", table, TABLE)]
         layers.append(Layer("embed", specs("", entries), partial(embed, spec=spec), part=EMBED))
     for i in range(first, last):
-        parts = _block(spec, i, inv_freq)
+        parts = block(spec, i, inv_freq)
         layers.extend(parts if sep_layer else [merge_layers(f"block.{i}", parts)])
     if with_head:
         head = "embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
-        entries = _norm("norm.weight", "norm.weight", spec.hidden_size) + [("lm_head", head, table, TABLE, True)]
+        entries = norm_entries("norm.weight", "norm.weight", spec.hidden_size) + [("lm_head", head, table, TABLE, True)]
         layers.append(Layer("head", specs("", entries), partial(output_head, spec=spec), part=HEAD))
     return layers
 
