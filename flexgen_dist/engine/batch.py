@@ -20,9 +20,11 @@ from ..dist.group import broadcast
 from ..formats.prompts import encode
 from ..formats.records import error_record, public, record
 from ..formats.requests import Request, RequestError
+from ..models.base import TOP_LOGPROBS
 from ..runtime.block import BlockRun
 from ..runtime.sampling import generated_length
 from ..runtime.stats import GenerationStats
+from . import scoring
 
 
 @dataclass
@@ -64,7 +66,7 @@ def resolve(request: Request, engine, gen: GenerationConfig, tokenizer) -> Reque
         strings.append(s)
         encoded = tokenizer(s, add_special_tokens=False)["input_ids"] if tokenizer is not None else []
         (stop.extend if len(encoded) == 1 else sequences.append)(encoded)
-    params = RowParams(max_tokens=p.get("max_tokens", gen.max_new_tokens), stop=stop,
+    params = RowParams(max_tokens=max(1, p.get("max_tokens", gen.max_new_tokens)), stop=stop,
                        stop_sequences=[s for s in sequences if s], do_sample=sample, temperature=temperature,
                        top_p=p.get("top_p", gen.top_p), seed=p.get("seed", gen.seed), key=request.index)
     try:
@@ -105,7 +107,7 @@ def generate_batch(engine, requests, *, bucket: bool = True, strict: bool = Fals
     ctx = engine.ctx
     stats, info = GenerationStats(), BatchInfo()
     job = _prepare(engine, requests, options, bucket, strict, set(done), info) if ctx.first else None
-    blocks = broadcast(ctx, None if job is None else [[(it.ids, it.row) for it in b] for b in job["blocks"]])
+    blocks = broadcast(ctx, None if job is None else [[(it.ids, it.row, _wants(it)) for it in b] for b in job["blocks"]])
     collected = []
     emit = on_records or collected.extend
     bar = None
@@ -116,8 +118,10 @@ def generate_batch(engine, requests, *, bucket: bool = True, strict: bool = Fals
     t0 = time.perf_counter()
     for k, payload in enumerate(blocks):
         rows = _run_block(engine, payload, stats)
+        scores = _scores(engine, payload, rows, stats)
         if ctx.first:
-            emit([record(it, row, engine.tokenizer, model_name, created) for it, row in zip(job["blocks"][k], rows)])
+            emit([record(it, row, engine.tokenizer, model_name, created, lp)
+                  for it, row, lp in zip(job["blocks"][k], rows, scores)])
             rate = stats.generated_tokens / max(time.perf_counter() - t0, 1e-9)
             _advance(bar, len(rows), f"{rate:.1f} tok/s", last=k == len(blocks) - 1)
     engine.ring.flush()
@@ -179,11 +183,47 @@ def _named(r: Request) -> str:
     return "" if name is None else f" ({name})"
 
 
+def _wants(request: Request) -> tuple[int, bool, bool]:
+    """(tokens to keep, echo, token log-probabilities) of a resolved request: a completion with
+    `max_tokens` 0 generates one token (the block's shape) and keeps none."""
+    p = request.params
+    return p.get("max_tokens", request.row.max_tokens), bool(p.get("echo")), p.get("logprobs") is not None
+
+
+def _scores(engine, payload, rows, stats) -> list:
+    """Rank 0: per row of the block, None or the scores of its echoed prompt tokens (from the
+    second) and its generated ones, as (target log-probability, top log-probabilities, their token
+    ids) per token (see `scoring.position_scores`), from one prefill-only pass over prompt and
+    generated tokens. Every rank takes part when a row asks for log-probabilities."""
+    if not any(scored for _, _, (_, _, scored) in payload):
+        return [None] * len(rows)
+    rows = broadcast(engine.ctx, rows)
+    asked, pairs = [], []
+    for (ids, _, (_, echo, scored)), gen in zip(payload, rows):
+        full = list(ids) + list(gen)
+        targets = full[1:] if echo else list(gen)
+        if scored and targets:
+            asked.append(len(pairs))
+            pairs.append((full[:-1], targets))
+        else:
+            asked.append(None if not scored else -1)
+    got = scoring.position_scores(engine, pairs, stats)
+    if got is None:
+        return []
+    out = []
+    for a in asked:
+        part = got[a].tolist() if a is not None and a >= 0 else []
+        out.append(None if a is None else [(s[0], s[2:2 + TOP_LOGPROBS], [int(t) for t in s[2 + TOP_LOGPROBS:]])
+                                           for s in part])
+    return out
+
+
 def _run_block(engine, payload, stats) -> list[list[int]]:
-    """Run one block of (ids, params) rows on this rank; rank 0 gets each row's tokens."""
+    """Run one block of (ids, params, wants) rows on this rank; rank 0 gets each row's tokens."""
     block = engine.micro_batches * engine.policy.block_size
-    ids = [p for p, _ in payload]
-    params = [q for _, q in payload]
+    ids = [p for p, _, _ in payload]
+    keep = [w[0] for _, _, w in payload]
+    params = [q for _, q, _ in payload]
     filled = ids + [ids[-1]] * (block - len(ids))  # a short block is filled; the fillers end at once
     params = params + [RowParams(max_tokens=1, key=-1)] * (block - len(ids))
     stats.prompts += len(payload)
@@ -192,8 +232,8 @@ def _run_block(engine, payload, stats) -> list[list[int]]:
     if gens is None:
         return []
     rows = []
-    for row, p in zip(gens[:len(payload)].tolist(), params):
-        n = min(generated_length(row, p.stop, p.stop_sequences), p.max_tokens)
+    for row, p, most in zip(gens[:len(payload)].tolist(), params, keep):
+        n = min(generated_length(row, p.stop, p.stop_sequences), p.max_tokens, most)
         stats.generated_tokens += n
         stats.decode_tokens += max(n - 1, 0)
         rows.append(row[:n])

@@ -43,26 +43,35 @@ def _checked(engine, requests) -> list[tuple[list[int], list[int]]]:
 
 def score(engine, requests) -> list[tuple[float, bool]] | None:
     """(summed log-probability, greedy) per (context, continuation) request, in request order."""
-    rows = _checked(engine, requests)
+    scores = position_scores(engine, _checked(engine, requests))
+    if scores is None:
+        return None
+    return [(float(part[:, 0].double().sum()), bool(part[:, 1].all())) for part in scores]
+
+
+def position_scores(engine, rows: list[tuple[list[int], list[int]]], job_stats=None) -> list | None:
+    """Per (input ids, targets) row, a (len(targets), SCORE_WIDTH) float32 tensor of what the
+    model gives the targets, predicted by the input's last positions (`models.base.token_scores`),
+    in row order, on rank 0 (None elsewhere). Every rank calls with the same rows. With
+    `job_stats` (a batch job's), the time counts there, silently."""
     if not rows:
         return [] if engine.ctx.first else None
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     block = engine.micro_batches * engine.policy.block_size
-    stats = GenerationStats(prompts=len(rows), prompt_tokens=sum(len(inp) for inp, _ in rows))
-    bar = tqdm(total=len(rows), unit="req", desc="scoring", disable=not engine.progress)
-    results: list[tuple[float, bool] | None] = [None] * len(rows)
+    stats = job_stats or GenerationStats(prompts=len(rows), prompt_tokens=sum(len(inp) for inp, _ in rows))
+    bar = tqdm(total=len(rows), unit="req", desc="scoring", disable=not engine.progress or job_stats is not None)
+    results: list = [None] * len(rows)
     for b0 in range(0, len(order), block):
         chunk = order[b0:b0 + block]
         scores = ScoreRun(engine, [rows[i][0] for i in chunk], [rows[i][1] for i in chunk]).run(stats)
         if scores is not None:
             for r, i in enumerate(chunk):
-                n = len(rows[i][1])
-                part = scores[r, -n:]
-                results[i] = (float(part[:, 0].double().sum()), bool(part[:, 1].all()))
+                results[i] = scores[r, scores.shape[1] - len(rows[i][1]):]
         bar.update(len(chunk))
     bar.close()
     engine.ring.flush()
-    engine.last_stats = stats
+    if job_stats is None:
+        engine.last_stats = stats
     return results if engine.ctx.first else None
 
 

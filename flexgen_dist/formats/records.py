@@ -10,6 +10,8 @@ Every record also holds `_index` (the request's input position) until it is writ
 """
 from __future__ import annotations
 
+import itertools
+
 
 def public(r: dict) -> dict:
     """The record as written: without the private `_index`."""
@@ -28,9 +30,13 @@ def finish(request, tokens: list[int], tokenizer) -> tuple[str | None, str]:
     return text, "stop" if stopped or len(tokens) < p.max_tokens else "length"
 
 
-def record(request, tokens: list[int], tokenizer, model: str | None, created: int | None) -> dict:
-    """The answer to a resolved request whose generated tokens are `tokens`."""
+def record(request, tokens: list[int], tokenizer, model: str | None, created: int | None, scores=None) -> dict:
+    """The answer to a resolved request whose generated tokens are `tokens`; `scores`, for a
+    completion with `logprobs`, holds (log-probability, top log-probabilities, their ids) of each
+    scored token: the echoed prompt's from its second token, then the generated ones."""
     text, reason = finish(request, tokens, tokenizer)
+    if request.params.get("max_tokens") == 0:
+        reason = "length"
     if request.kind == "plain":
         out = {"index": request.index, **request.carry, "output_ids": tokens}
         if request.prompt.text is not None:
@@ -47,10 +53,60 @@ def record(request, tokens: list[int], tokenizer, model: str | None, created: in
                   "finish_reason": reason}
         body = {"id": f"chatcmpl-{request.index}", "object": "chat.completion"}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, **completion_text(request, tokens, text or "", tokenizer, scores), "finish_reason": reason}
         body = {"id": f"cmpl-{request.index}", "object": "text_completion"}
     body.update(created=created or 0, model=model, choices=[choice], usage=usage)
     return _openai(request, {"status_code": 200, "request_id": f"req_{request.index}", "body": body}, None)
+
+
+def token_strings(ids: list[int], tokenizer, skip_special: bool = False, window: int = 8) -> list[str]:
+    """Each token's text as it reads after the tokens before it (the last `window` of them give the
+    context: a tokenizer may drop a word's leading space at the start of a text); special tokens
+    by name, or as "" with `skip_special` (as the returned text has them)."""
+    if tokenizer is None:
+        return ["" if skip_special else f"token_id:{t}" for t in ids]
+    out = []
+    for i, t in enumerate(ids):
+        before = tokenizer.decode(ids[max(0, i - window):i], skip_special_tokens=skip_special)
+        out.append(tokenizer.decode(ids[max(0, i - window):i] + [t], skip_special_tokens=skip_special)[len(before):])
+    return out
+
+
+def completion_text(request, tokens: list[int], text: str, tokenizer, scores) -> dict:
+    """`text` (after the prompt's text with `echo`) and `logprobs` in the completions API's shape:
+    `tokens`, `token_logprobs`, `top_logprobs` ({token text: log-probability}, the top `logprobs`
+    of them, special tokens by name) and `text_offset` (into the prompt's text followed by the
+    completion's, which show no special tokens); the echoed
+    prompt's first token has none (null). Tokens past a stop string that cut the text are left out."""
+    echo, n = request.params.get("echo", False), request.params.get("logprobs")
+    context = list(request.ids) + list(tokens)
+    shown = token_strings(context, tokenizer, skip_special=True)  # as in the text
+    prompt_text = "".join(shown[:len(request.ids)])
+    if n is None:
+        return {"text": (prompt_text if echo else "") + text, "logprobs": None}
+    strings, generated, kept = token_strings(context, tokenizer), shown[len(request.ids):], len(tokens)
+    if len(text) < len("".join(generated)):
+        kept = next(k for k in range(len(generated) + 1) if len("".join(generated[:k])) >= len(text))
+    first, offsets = 0 if echo else len(request.ids), [0, *itertools.accumulate(map(len, shown))]
+    positions = range(first, len(request.ids) + kept)
+    scored = ([None] if echo else []) + list(scores or [])
+    top = []
+    for i in positions:
+        s = scored[i - first]
+        top.append(None if s is None else _alternatives(context[max(0, i - 8):i], s[1][:n], s[2][:n], tokenizer))
+    return {"text": (prompt_text if echo else "") + text, "logprobs": {
+        "tokens": [strings[i] for i in positions],
+        "token_logprobs": [None if scored[i - first] is None else scored[i - first][0] for i in positions],
+        "top_logprobs": top, "text_offset": [offsets[i] for i in positions]}}
+
+
+def _alternatives(before: list[int], logps: list[float], ids: list[int], tokenizer) -> dict[str, float]:
+    """{token text: log-probability} of the most likely tokens after `before`, most likely first; of
+    tokens reading the same, the likelier."""
+    out: dict[str, float] = {}
+    for logp, t in zip(logps, ids):
+        out.setdefault(token_strings(before + [t], tokenizer)[-1], logp)
+    return out
 
 
 def error_record(request, message: str, model: str | None) -> dict:

@@ -20,6 +20,12 @@ URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 PARAMS = ("max_tokens", "temperature", "top_p", "stop", "seed")
 
 
+COMPLETION_ONLY = ("logprobs", "echo")  # /v1/completions: token log-probabilities, the prompt echoed
+
+
+MAX_LOGPROBS = 5  # OpenAI's completions API caps `logprobs` at 5 (models.base.TOP_LOGPROBS)
+
+
 IGNORED = {"model", "user", "n", "stream", "max_completion_tokens", "prompt", "messages"}
 
 
@@ -41,7 +47,7 @@ class Request:
     index: int
     prompt: Prompt
     kind: str = "plain"
-    params: dict = field(default_factory=dict)  # per-request max_tokens, temperature, top_p, stop, seed
+    params: dict = field(default_factory=dict)  # per-request max_tokens, temperature, ... (PARAMS, COMPLETION_ONLY)
     carry: dict = field(default_factory=dict)  # id / custom_id, returned as given
     error: str | None = None
     ids: list[int] | None = None  # the prompt's token ids, once resolved
@@ -102,7 +108,7 @@ def _openai_request(obj: dict, index: int, carry: dict) -> Request:
         if not isinstance(body, dict):
             raise RequestError("'body' must be a JSON object")
         request.prompt = _body_prompt(body, request.kind, index)
-        request.params = _body_params(body)
+        request.params = _body_params(body, request.kind)
     except (RequestError, FlexGenError) as e:
         request.error = str(e)
         return request
@@ -123,15 +129,18 @@ def _body_prompt(body: dict, kind: str, index: int) -> Prompt:
     raise RequestError("'prompt' must be a string or a non-empty list of token ids (one prompt per request)")
 
 
-def _body_params(body: dict) -> dict:
-    unknown = sorted(set(body) - set(PARAMS) - IGNORED)
+def _body_params(body: dict, kind: str) -> dict:
+    supported = PARAMS + (COMPLETION_ONLY if kind == "completion" else ())
+    if kind == "chat" and (body.get("logprobs") or body.get("top_logprobs") is not None):
+        raise RequestError("logprobs are not supported for chat completions (use /v1/completions with 'logprobs')")
+    unknown = sorted(set(body) - set(supported) - IGNORED - ({"logprobs", "top_logprobs"} if kind == "chat" else set()))
     if unknown:
-        raise RequestError(f"parameter {unknown[0]!r} is not supported (supported: {', '.join(PARAMS)})")
+        raise RequestError(f"parameter {unknown[0]!r} is not supported (supported: {', '.join(supported)})")
     if body.get("n", 1) != 1:
         raise RequestError(f"n={body['n']!r} is not supported (one choice per request)")
     if body.get("stream", False):
         raise RequestError("stream=true is not supported in a batch")
-    params = {k: body[k] for k in PARAMS if k in body}
+    params = {k: body[k] for k in supported if k in body}
     if "max_tokens" not in params and "max_completion_tokens" in body:
         params["max_tokens"] = body["max_completion_tokens"]
     return params
@@ -151,8 +160,14 @@ def _is_int(v) -> bool:
 
 def check_params(p: dict) -> None:
     """Raise RequestError for a value this engine cannot honour."""
-    if "max_tokens" in p and not (_is_int(p["max_tokens"]) and p["max_tokens"] >= 1):
-        raise RequestError(f"max_tokens must be a positive integer, got {p['max_tokens']!r}")
+    if "echo" in p and not isinstance(p["echo"], bool):
+        raise RequestError(f"echo must be true or false, got {p['echo']!r}")
+    least = 0 if p.get("echo") else 1  # max_tokens 0 with echo: the prompt scored, nothing generated
+    if "max_tokens" in p and not (_is_int(p["max_tokens"]) and p["max_tokens"] >= least):
+        raise RequestError(f"max_tokens must be a positive integer (or 0 with echo), got {p['max_tokens']!r}")
+    logprobs = p.get("logprobs")
+    if logprobs is not None and not (_is_int(logprobs) and 0 <= logprobs <= MAX_LOGPROBS):
+        raise RequestError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or null, got {logprobs!r}")
     if "temperature" in p and not (isinstance(p["temperature"], (int, float)) and 0 <= p["temperature"] <= 2):
         raise RequestError(f"temperature must be a number in [0, 2], got {p['temperature']!r}")
     if "top_p" in p and not (isinstance(p["top_p"], (int, float)) and 0 < p["top_p"] <= 1):

@@ -98,14 +98,23 @@ class StepInputs:
     extra: dict = field(default_factory=dict, compare=False)
 
 
+TOP_LOGPROBS = 5  # alternatives a scored position reports (OpenAI's completions API allows up to 5)
+SCORE_WIDTH = 2 + 2 * TOP_LOGPROBS  # per scored position: see `token_scores`
+
+
 def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(b, w, vocab) float logits and (b, w) target ids (-1: no target) -> (b, w, 2): each target's
-    log-probability and whether it is the most likely token (1.0 or 0.0); zeros where no target."""
-    logp = torch.log_softmax(logits, dim=-1)
+    """(b, w, vocab) float logits and (b, w) target ids (-1: no target) -> (b, w, SCORE_WIDTH): each
+    target's log-probability, whether it is the most likely token (1.0 or 0.0), then the
+    `TOP_LOGPROBS` largest log-probabilities (descending) and their token ids (as floats, exact
+    below 2**24); zeros where no target. Log-softmax in float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
     wanted = targets.clamp(min=0)
     picked = logp.gather(-1, wanted[..., None])[..., 0]
     greedy = (logp.argmax(dim=-1) == wanted).float()
-    scores = torch.stack([picked, greedy], dim=-1)
+    k = min(TOP_LOGPROBS, logp.shape[-1])
+    top, ids = logp.topk(k, dim=-1)
+    pad = torch.zeros(*top.shape[:-1], TOP_LOGPROBS - k, dtype=top.dtype, device=top.device)
+    scores = torch.cat([picked[..., None], greedy[..., None], top, pad, ids.float(), pad], dim=-1)
     return scores.masked_fill((targets < 0)[..., None], 0.0)
 
 

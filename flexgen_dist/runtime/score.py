@@ -4,7 +4,8 @@ Every row is a token sequence and the tokens its last positions should predict (
 Each micro-batch's whole sequence goes through the stage once (no decode step, no prefill pieces);
 its keys and values are scratch on the compute device. The last rank's output head turns only the
 positions that predict a target into logits and sends back, per row and scored position, the
-target's log-probability and whether it was the most likely token (`models.base.token_scores`),
+target's log-probability, whether it was the most likely token and the most likely tokens'
+log-probabilities (`models.base.token_scores`),
 which rank 0 collects. Messages carry a trailing flag as in `block.py` (always 0 here).
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 
 import torch
 
+from ..models.base import SCORE_WIDTH
 from .block import left_pad, pack, step_inputs, unpack
 
 
@@ -47,7 +49,7 @@ class ScoreRun:
         self.targets = [right_aligned(targets[c], self.scored) for c in cuts]
 
     def run(self, stats) -> torch.Tensor | None:
-        """(rows, scored, 2) float32 scores on rank 0 (see `models.base.token_scores`); None elsewhere."""
+        """(rows, scored, SCORE_WIDTH) float32 scores on rank 0 (see `models.base.token_scores`); None elsewhere."""
         width = max(ids.shape[1] for ids, _ in self.micro)
         self.engine._check_block_fits(width, 0, scored=self.scored)
         caches = [self.ex.allocate_caches([len(piece) for piece in ids.split(self.gbs)], ids.shape[1], scratch=True)
@@ -59,7 +61,7 @@ class ScoreRun:
                 self._compute(self._input(t), t, caches[t])
             result = None
             if self.ctx.first:
-                result = torch.cat([unpack(self.ring.receive(), (len(ids), self.scored, 2))[0].cpu()
+                result = torch.cat([unpack(self.ring.receive(), (len(ids), self.scored, SCORE_WIDTH))[0].cpu()
                                     for ids, _ in self.micro])
         finally:
             self.ex.drain()
@@ -90,4 +92,4 @@ class ScoreRun:
                 self.ring.expect((ids.numel() * self.hidden + 1,), self.engine.dtype)
         if self.ctx.first:  # the scores, one message per micro-batch, after rank 0 sent them all
             for ids, _ in self.micro:
-                self.ring.expect((len(ids) * self.scored * 2 + 1,), torch.float32)
+                self.ring.expect((len(ids) * self.scored * SCORE_WIDTH + 1,), torch.float32)
