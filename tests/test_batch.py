@@ -39,7 +39,7 @@ def test_bucketing_cuts_padding_and_keeps_every_request():
 
 @pytest.mark.parametrize("line,error", [
     (openai_line("a", "/v1/embeddings", {"input": "x"}), "url '/v1/embeddings' is not supported"),
-    (openai_line("b", "/v1/completions", {"prompt": "x", "logprobs": 3}), "parameter 'logprobs' is not supported"),
+    (openai_line("b", "/v1/completions", {"prompt": "x", "suffix": "y"}), "parameter 'suffix' is not supported"),
     (openai_line("c", "/v1/completions", {"prompt": "x", "temperature": -1}), "temperature must be"),
     (openai_line("d", "/v1/chat/completions", {"messages": "hi"}), "'messages' must be"),
     (openai_line("e", "/v1/completions", {"prompt": "x", "n": 2}), "n=2 is not supported"),
