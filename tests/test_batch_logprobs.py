@@ -9,6 +9,7 @@ from conftest import make_checkpoint
 from llama_checkpoints import make_llama_checkpoint
 from flexgen_dist.formats.requests import parse_line
 from flexgen_dist.run import main
+from test_pipeline import MPIRUN, mpirun
 
 EOS = 2
 
@@ -137,3 +138,30 @@ def test_a_strict_job_refuses_a_bad_logprobs_value_in_one_line(checkpoint, tmp_p
                  "--offload-dir", str(tmp_path / "off"), "--dtype", "float32", "--strict", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: request 0 (six): logprobs must be an integer in [0, 5]"), err
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed")
+@pytest.mark.timeout(400)
+def test_logprobs_at_two_ranks_equal_one_rank(checkpoint, records, tmp_path):
+    path, _ = checkpoint
+    if "opt" not in path:
+        pytest.skip("one family is enough for the pipeline path")
+    prompts, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in GOOD))
+    done = mpirun(2, ["-m", "flexgen_dist.run", "--model", path, "--prompts", str(prompts), "--output", str(out),
+                      "--gen-len", "8", "--gpu-batch-size", "2", "--offload-dir", str(tmp_path / "off-{rank}"),
+                      "--dtype", "float32", "--quiet"], timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for got in map(json.loads, out.read_text().splitlines()):
+        one = records[got["custom_id"]]["response"]["body"]["choices"][0]
+        two = got["response"]["body"]["choices"][0]
+        assert two["text"] == one["text"]
+        if one["logprobs"] is None:
+            assert two["logprobs"] is None
+            continue
+        for key in ("tokens", "text_offset"):
+            assert two["logprobs"][key] == one["logprobs"][key]
+        lps = [x for x in one["logprobs"]["token_logprobs"] if x is not None]
+        assert [x for x in two["logprobs"]["token_logprobs"] if x is not None] == pytest.approx(lps, abs=1e-5)
+        assert [t and list(t) for t in two["logprobs"]["top_logprobs"]] == \
+            [t and list(t) for t in one["logprobs"]["top_logprobs"]]
