@@ -32,6 +32,8 @@ SYSTEMS = {
     "accelerate-disk": {"system": "accelerate", "max_memory": {"cpu": "64MiB"}},
     # MoE: attention, router, embeddings in memory; every expert on disk, read when routed to
     "flexgen-experts-disk": {"system": "flexgen", "percent": [100, 0, 100, 0, 100, 0], "experts_percent": [0, 0]},
+    "flexgen-experts-disk-nocache": {"system": "flexgen", "percent": [100, 0, 100, 0, 100, 0],
+                                     "experts_percent": [0, 0], "expert_cache_gib": 0},
 }
 
 

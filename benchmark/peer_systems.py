@@ -39,6 +39,7 @@ class RunSpec:
     compress_weight: bool = False  # flexgen
     compress_cache: bool = False  # flexgen
     experts_percent: list[float] | None = None  # flexgen, MoE: experts' (gpu, cpu) percents (default: as weights)
+    expert_cache_gib: float | None = None  # flexgen, MoE: expert cache size (None: the engine sizes it; 0: off)
     dtype: str = "bfloat16"
     max_memory: dict | None = None  # accelerate: weights kept per device, e.g. {"cpu": "600MiB"} or {"0": "15GiB", "cpu": "200GiB"}
     gpu_memory_gib: float | None = None  # cap this process's CUDA memory, to emulate a smaller GPU
@@ -85,7 +86,8 @@ def run_flexgen(spec: RunSpec, prompts: torch.Tensor) -> dict:
     from flexgen_dist import Engine, Policy
     experts = dict(zip(("experts_gpu_percent", "experts_cpu_percent"), spec.experts_percent or ()))
     policy = Policy.from_percent(spec.percent, gpu_batch_size=spec.batch // spec.ngb, num_gpu_batches=spec.ngb,
-                                 compress_weight=spec.compress_weight, compress_cache=spec.compress_cache, **experts)
+                                 compress_weight=spec.compress_weight, compress_cache=spec.compress_cache,
+                                 expert_cache_gib=spec.expert_cache_gib, **experts)
     engine = Engine.from_pretrained(spec.checkpoint, policy=policy, offload_dir=spec.offload_dir, dtype=spec.dtype)
     if spec.prepare_only:
         engine.close()
@@ -95,10 +97,12 @@ def run_flexgen(spec: RunSpec, prompts: torch.Tensor) -> dict:
     read0 = disk_read_bytes()
     engine.generate(prompts.tolist(), max_new_tokens=spec.gen_len, ignore_eos=True)
     read = disk_read_bytes() - read0
+    cache = engine.executor.expert_cache
     engine.close()
     s = engine.last_stats
     return {"prefill_s": s.prefill_time, "decode_s": s.decode_time, "disk_read_bytes": read,
-            "page_cache_dropped": dropped}
+            "page_cache_dropped": dropped, "expert_cache_gib": cache.capacity / 2**30,
+            "expert_cache_hits": cache.hits, "expert_cache_misses": cache.misses}
 
 
 class StepClock:

@@ -211,11 +211,12 @@ def _record_reads_and_routes(monkeypatch) -> list:
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_decode_at_batch_one_reads_only_routed_experts_from_disk(checkpoints, tmp_path, monkeypatch, overlap):
-    """Weights on disk (read with O_DIRECT through the store), one sequence: each decode step reads
-    from each MoE layer exactly the experts its token routes to (2 of 8), never the others."""
+    """Weights on disk (read with O_DIRECT through the store), one sequence, no expert cache: each
+    decode step reads from each MoE layer exactly the experts its token routes to (2 of 8), never
+    the others (test_expert_cache: with the cache, those read before are not read again)."""
     path, _, ref = checkpoints["olmoe"]
     spec = spec_from_dir(path)
-    policy = Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=1, overlap=overlap)
+    policy = Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=1, overlap=overlap, expert_cache_gib=0)
     engine = Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path, dtype="float32")
     events = _record_reads_and_routes(monkeypatch)
     try:

@@ -253,6 +253,8 @@ def print_report(engine: Engine, stages: list[dict], prediction: dict) -> None:
     linear = f"linear layers: {kernels['linear']}"
     if "compressed_linear" in kernels:
         linear += f"; 4-bit linear layers: {kernels['compressed_linear']}"
+    if engine.executor.expert_cache.capacity:
+        print(engine.executor.expert_cache.describe())
     print(f"compute: {engine.devices.compute}, dtype {kernels['dtype']} ({kernels['dtype_reason']}), {linear}")
     print(f"requests: {info.requests} ({info.skipped} already done, {info.errors} errors) in {info.blocks} blocks; "
           f"padding {info.padding_unbucketed:.1%} in input order, {info.padding:.1%} as run; "

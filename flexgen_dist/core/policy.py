@@ -45,6 +45,11 @@ class Policy:
     experts_cpu_percent: float | None = None
     """Percent of each MoE layer's experts homed in host memory (the rest on disk; default: the
     weights' percent)."""
+    expert_cache_gib: float | None = None
+    """GiB of the compute device's memory that keeps routed experts homed on slower tiers (disk;
+    host memory too when computing on a GPU) once read, keeping those used most; a cached expert
+    costs no read (default: what the memory budget leaves after the rest of the plan; 0: no
+    cache)."""
     overlap: bool = True
     """Prefetch weights and cache and store new KV on I/O threads while computing."""
     sep_layer: bool = True
@@ -105,6 +110,8 @@ class Policy:
                     raise PolicyError(f"{kind} percent {value:g} is outside 0-100")
             if gpu + cpu > 100:
                 raise PolicyError(f"{kind} percents {gpu:g} + {cpu:g} sum to more than 100")
+        if self.expert_cache_gib is not None and not self.expert_cache_gib >= 0:
+            raise PolicyError(f"{name('expert_cache_gib')} must be 0 or more GiB, got {self.expert_cache_gib!r}")
         if self.compress_weight or self.compress_cache:
             CompressionConfig(self.compress_bits, self.compress_group_size)  # raises on bad values
         if not any(p == 100 for p in self.tier_percents("act")):

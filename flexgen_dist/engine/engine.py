@@ -23,7 +23,9 @@ from ..runtime.budget import (
     block_plan,
     check_disk,
     check_memory,
+    memory_left,
     weight_plan,
+    with_expert_cache,
     within,
 )
 from ..runtime.executor import LocalExecutor
@@ -54,6 +56,14 @@ def normalize_prompts(input_ids, attention_mask=None) -> list[list[int]]:
         mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         return [row[m].tolist() for row, m in zip(input_ids, mask)]
     return [list(map(int, p)) for p in input_ids]
+
+
+def _size_expert_cache(policy: Policy, layers, dtype: torch.dtype, devices: Devices, ctx: DistContext) -> Policy:
+    """The policy with its expert cache sized (unless given): the memory the weights leave, shared
+    with the other ranks on this machine; a block that needs it later shrinks it (`_check_block_fits`)."""
+    left = memory_left(weight_plan(layers, policy, dtype, devices.host_is_compute), devices.compute)
+    shared = ctx.local_size if devices.compute.type == "cpu" else 1  # one GPU per rank, one host for all
+    return with_expert_cache(policy, layers, dtype, devices.host_is_compute, left // shared)
 
 
 class Engine:
@@ -104,6 +114,7 @@ class Engine:
         layers = family.build_layers(model.spec, first, last, with_embed=ctx.first, with_head=ctx.last,
                                      sep_layer=policy.sep_layer)
         check_memory(weight_plan(layers, policy, choice.dtype, devices.host_is_compute), devices.compute, "the weights")
+        policy = _size_expert_cache(policy, layers, choice.dtype, devices, ctx)  # from what that check left
         store = open_store(offload_dir, model, choice.dtype, policy, config.rebuild_store)
         store.ensure([w for layer in layers for w in layer.weights], model.source, progress=watched(ctx))
         work_dir = open_work_dir(os.path.join(offload_dir, "work"))
@@ -242,6 +253,9 @@ class Engine:
                           scored)
         if not within(plan, self.admitted):
             check_memory(plan, self.devices.compute, "the KV cache and activations")
+            cache = self.executor.expert_cache  # it may still grow to its capacity: only into what the block leaves
+            if cache.capacity > cache.used:  # (no expert cache, or a full one: nothing to ask the host again)
+                cache.shrink(cache.used + max(memory_left(plan, self.devices.compute), 0))
             self.admitted = plan
         check_disk(plan, self.executor.work_dir, "the KV cache and activations")
 

@@ -24,6 +24,7 @@ from ..core.compression import compresses
 from ..core.policy import Policy, weight_homes
 from ..core.types import Tier, dtype_name
 from ..models.base import BLOCK, HEAD, Layer
+from ..runtime.budget import cacheable_expert_bytes, expert_cache_bytes
 from ..storage.kvcache import kv_token_bytes
 from ..storage.store import stored_nbytes
 from .measure import DECODE_CONTEXT, PREFILL_TOKENS
@@ -55,6 +56,7 @@ class Placement:
     weights: tuple[float, float, float] = (1.0, 0.0, 0.0)
     cache: tuple[float, float, float] = (1.0, 0.0, 0.0)
     staged: bool | None = None
+    expert_hits: float = 0.0  # share of routed-expert uses that the expert cache serves (no read)
 
     @classmethod
     def of(cls, policy: Policy) -> "Placement":
@@ -114,6 +116,16 @@ def used_shares(layer: Layer, tokens: float) -> list[float]:
     return [1.0 if w.expert is None else share for w in layer.weights]
 
 
+def expert_hit_rate(layers: list[Layer], policy: Policy, dtype: torch.dtype, cpu: bool) -> float:
+    """The expected share of routed-expert uses the expert cache serves on this stage: the share of
+    the cacheable experts' bytes it holds. Routing taken as uniform and independent (as in
+    `experts_touched`), a cache that keeps a stable set of experts (`runtime/expertcache.py`)
+    serves each touched expert with that probability, whatever the batch; skewed routing, as real
+    routers have, does better, so this is the pessimistic side."""
+    cacheable = cacheable_expert_bytes(layers, policy, dtype, cpu)
+    return expert_cache_bytes(layers, policy, dtype, cpu) / cacheable if cacheable else 0.0
+
+
 def block_tokens(step: Step, policy: Policy) -> int:
     """Tokens that pass a layer in one token step of a whole block (every batch)."""
     return step.rows * step.new * policy.num_gpu_batches
@@ -154,11 +166,13 @@ def _weight_load(layer: Layer, policy: Policy, place: Placement, dtype: torch.dt
                  tokens: int) -> dict:
     """Disk reads of disk-homed weights, link copies of non-resident ones on a GPU, and
     decompression of compressed ones (every use, whatever their tier). Of a MoE layer's experts,
-    only those the block's `tokens` are expected to touch are read (placement fractions applied
-    to the bytes used, which keeps the cost linear in them)."""
+    only those the block's `tokens` are expected to touch are read, less those the expert cache
+    serves (`place.expert_hits`; placement fractions applied to the bytes used, which keeps the
+    cost linear in them)."""
     rates, name = machine.profile, dtype_name(dtype)
     shares = used_shares(layer, tokens)
-    stored = sum(s * u for s, u in zip(stored_bytes(layer, policy, dtype), shares))
+    missed = [u if w.expert is None else u * (1 - place.expert_hits) for w, u in zip(layer.weights, shares)]
+    stored = sum(s * u for s, u in zip(stored_bytes(layer, policy, dtype), missed))
     _, host, disk = place.weights
     cost = {"disk": machine.disk_s(disk * stored, 0)}
     if not machine.cpu:
@@ -318,11 +332,13 @@ def steps(workload: Workload, rows: int) -> list[tuple[Step, int]]:
     return out
 
 
-def _placed_groups(layers: list[Layer], policy: Policy, dtype: torch.dtype, realized: bool):
+def _placed_groups(layers: list[Layer], policy: Policy, dtype: torch.dtype, realized: bool, machine_cpu: bool):
     if not realized:
         return [(la, n, Placement.of(policy)) for la, n in layer_groups(layers)]
     homes = weight_homes(layers, policy, lambda w: stored_nbytes(w, dtype, policy.weight_compression()))
-    return [(la, n, realized_placement(la, homes, policy, dtype)) for la, n in layer_groups(layers)]
+    hits = expert_hit_rate(layers, policy, dtype, machine_cpu)
+    return [(la, n, replace(realized_placement(la, homes, policy, dtype), expert_hits=hits))
+            for la, n in layer_groups(layers)]
 
 
 def prefill_piece_time(layers: list[Layer], policy: Policy, dtype: torch.dtype, machine: Machine,
@@ -333,7 +349,7 @@ def prefill_piece_time(layers: list[Layer], policy: Policy, dtype: torch.dtype, 
     tokens = -(-workload.prompt_len // pieces)
     step = Step(policy.gpu_batch_size, tokens, (workload.prompt_len + tokens) // 2)
     return sum(combine(layer_cost(layer, step, policy, place, dtype, machine, heads, hidden), policy.overlap) * n
-               for layer, n, place in _placed_groups(layers, policy, dtype, True))
+               for layer, n, place in _placed_groups(layers, policy, dtype, True, machine.cpu))
 
 
 def stage_times(layers: list[Layer], policy: Policy, dtype: torch.dtype, machine: Machine, workload: Workload,
@@ -342,7 +358,7 @@ def stage_times(layers: list[Layer], policy: Policy, dtype: torch.dtype, machine
     `realized`: weights placed tensor by tensor as the executor does (else the exact fractions)."""
     prefill = decode = 0.0
     totals = dict.fromkeys(RESOURCES, 0.0)
-    groups = _placed_groups(layers, policy, dtype, realized)
+    groups = _placed_groups(layers, policy, dtype, realized, machine.cpu)
     for step, count in steps(workload, policy.gpu_batch_size):
         for layer, n, place in groups:
             cost = layer_cost(layer, step, policy, place, dtype, machine, heads, hidden)

@@ -26,7 +26,7 @@ from ..core.errors import FlexGenError
 from ..core.policy import Policy
 from ..core.types import GiB, Tier, dtype_name
 from ..models.base import Layer
-from ..runtime.budget import Plan, block_plan, weight_plan
+from ..runtime.budget import Plan, block_plan, weight_plan, with_expert_cache
 from ..storage.store import stored_nbytes
 from .costmodel import (
     RESOURCES,
@@ -281,6 +281,13 @@ def shortfall(memory: Plan, budgets: Budgets, cpu: bool) -> tuple[str, int] | No
     return (tier, used - have) if used > have else None
 
 
+def _left(memory: Plan, budgets: Budgets, cpu: bool) -> int:
+    """Bytes of the compute device's budget (on a CPU: host memory) that `memory` leaves free."""
+    if cpu:
+        return budgets.host - memory.total(Tier.COMPUTE) - memory.total(Tier.HOST)
+    return budgets.compute - memory.total(Tier.COMPUTE)
+
+
 def _fit(layers, policy: Policy, dtype, rank: Rank, micro_batches: int, workload: Workload, spec) -> Policy | None:
     """`policy`, or the nearest one with less on the compute device and in host memory, that fits
     the budgets by the engine's own accounting (rounding whole tensors and rows may overshoot)."""
@@ -337,7 +344,10 @@ def plan_stage(layers, first: int, last: int, policy: Policy, dtype, rank: Rank,
 def evaluate_stage(layers, first: int, last: int, policy: Policy, dtype, rank: Rank, micro_batches: int,
                    workload: Workload, spec) -> StagePlan:
     """The predicted times and memory of a given policy on this stage (what a hand-written
-    `--percent` is compared with)."""
+    `--percent` is compared with). An unsized expert cache gets the memory the rest leaves."""
+    if policy.expert_cache_gib is None:
+        rest = exact_memory(layers, policy, dtype, micro_batches, workload, spec, rank.machine.cpu)
+        policy = with_expert_cache(policy, layers, dtype, rank.machine.cpu, _left(rest, rank.budgets, rank.machine.cpu))
     prefill, decode, totals = stage_times(layers, policy, dtype, rank.machine, workload, spec.num_heads,
                                           spec.hidden_size)
     memory = exact_memory(layers, policy, dtype, micro_batches, workload, spec, rank.machine.cpu)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..core.policy import Policy
 from ..core.types import GiB, Tier, dtype_name
 from ..storage.store import stored_nbytes
-from .costmodel import experts_touched
+from .costmodel import expert_hit_rate, experts_touched
 from .optimizer import Rank, RunPlan
 from .profile import Budgets
 
@@ -25,7 +25,7 @@ def describe(p: RunPlan, ranks: list[Rank], model=None) -> str:
                      f"KV cache {_tiers(pol, 'cache')}; activations on {pol.act_tier.value}")
         lines.append(f"    --percent {' '.join(f'{x:g}' for x in pol.percent)}")
         if model is not None:
-            lines.extend(_experts(model, stage, p))
+            lines.extend(_experts(model, stage, p, rank.machine.cpu))
         lines.append("    predicted memory: " + _memory(stage.memory, rank))
         lines.append(f"    predicted per block: prefill {stage.prefill_s:.2f} s, decode {stage.decode_s:.2f} s; "
                      f"busiest resource: {stage.bottleneck} ("
@@ -35,7 +35,7 @@ def describe(p: RunPlan, ranks: list[Rank], model=None) -> str:
     return "\n".join(lines)
 
 
-def _experts(model, stage, p: RunPlan) -> list[str]:
+def _experts(model, stage, p: RunPlan, cpu: bool) -> list[str]:
     """Where a MoE stage's experts live and how many of them a block step is expected to touch."""
     layers = [la for la in model.layers(stage.first, stage.last, False, False) if la.top_k]
     if not layers:
@@ -46,7 +46,9 @@ def _experts(model, stage, p: RunPlan) -> list[str]:
     prefill = experts_touched(layer.num_experts, layer.top_k, pol.block_size * p.workload.prompt_len)
     return [(f"    experts: {len(layers)} MoE layers x {layer.num_experts} experts of {each / 2**20:.1f} MiB, "
              f"{layer.top_k} per token, on {_tiers(pol, 'experts')}; a block step touches about "
-             f"{decode:.1f} per layer in decode, {prefill:.1f} in prefill (only those are read)")]
+             f"{decode:.1f} per layer in decode, {prefill:.1f} in prefill (only those are read)"),
+            f"    expert cache: {(pol.expert_cache_gib or 0):.2f} GiB in fast memory, serving about "
+            f"{expert_hit_rate(stage.layers or layers, pol, p.dtype, cpu):.0%} of the routed experts' uses"]
 
 
 def _onoff(flag: bool) -> str:

@@ -7,7 +7,7 @@ These are the numbers the planner plans with too (`planning/optimizer.py`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -24,6 +24,12 @@ from ..system.limits import host_available, require_disk_space
 # over; benchmark/RESULTS.md, "The planner on an AVX-512 machine"); with hardware.CODE_RESERVE
 # this covers it, where 10 % made the planner leave a fifth of a tight limit unused
 MARGIN = 1.05
+
+
+# the share of the memory a plan leaves that an unsized expert cache takes. All of it was too much:
+# Qwen3-30B-A3B's shape, 8 blocks, batch 16 x 4 under a 5 GiB cgroup was killed for memory with a
+# 1.89 GiB cache and peaked at 3.24 GiB without one (benchmark/RESULTS.md, "With the expert cache")
+CACHE_SHARE = 0.5
 
 
 class NotEnoughMemory(FlexGenError):
@@ -63,7 +69,8 @@ def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is
     """Weights at their homes (FlexGen's per-layer rule on stored bytes, as the executor places
     them), plus the compute-side buffers of the two layers in flight (weights read, copied or
     decompressed for one use), the host read buffers of disk-homed weights and of one layer's
-    disk-homed routed experts."""
+    disk-homed routed experts, and the expert cache (`Policy.expert_cache_gib`, at most what it
+    could hold: `cacheable_expert_bytes`)."""
     compression = policy.weight_compression()
 
     def stored(w) -> int:
@@ -94,7 +101,48 @@ def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is
     plan.add(Tier.HOST, "disk read buffers", 2 * max(disk_reads, default=0))
     # a large block routes to every expert of a layer: one layer's disk-homed experts at a time
     plan.add(Tier.HOST, "routed experts read", max(expert_reads))
+    plan.add(Tier.COMPUTE, "expert cache", expert_cache_bytes(layers, policy, dtype, host_is_compute))
     return plan
+
+
+def cacheable_expert_bytes(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is_compute: bool) -> int:
+    """Bytes, as the math uses them (uncompressed: an upper bound), of the routed experts whose use
+    reads them from a slower tier: disk-homed ones, and host-homed ones when the compute device is
+    a GPU. What an expert cache could hold at most."""
+    compression = policy.weight_compression()
+    homes = weight_homes(layers, policy, lambda w: stored_nbytes(w, dtype, compression))
+    slow = (Tier.DISK,) if host_is_compute else (Tier.DISK, Tier.HOST)
+    experts = {w.name: w for layer in layers for w in layer.weights if w.expert is not None}
+    return sum(torch.Size(w.shape).numel() * _elem(dtype) for name, w in experts.items() if homes[name] in slow)
+
+
+def expert_cache_bytes(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is_compute: bool) -> int:
+    """The expert cache's size under `policy` (0 while unsized: see `sized_expert_cache`)."""
+    if not policy.expert_cache_gib:
+        return 0
+    return min(int(policy.expert_cache_gib * GiB), cacheable_expert_bytes(layers, policy, dtype, host_is_compute))
+
+
+def with_expert_cache(policy: Policy, layers: list[Layer], dtype: torch.dtype, host_is_compute: bool,
+                      left: int) -> Policy:
+    """`policy` with its expert cache sized, unless it is set already: CACHE_SHARE of `left` bytes
+    (the memory the rest of the plan leaves), at most what the cache could hold; 0 when nothing is
+    cacheable."""
+    if policy.expert_cache_gib is not None:
+        return policy
+    room = max(int(left * CACHE_SHARE), 0) >> 20 << 20  # whole MiB, exact in GiB: never rounded up
+    size = min(room, cacheable_expert_bytes(layers, policy, dtype, host_is_compute))
+    return replace(policy, expert_cache_gib=size / GiB)  # (a size rounded up is capped by what is cacheable)
+
+
+def memory_left(plan: Plan, compute: torch.device) -> int:
+    """Bytes of the compute device's memory (on a CPU: the host's) that stay free once `plan` is
+    placed, with the check's slack (`check_memory`); negative when it does not fit."""
+    if compute.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(compute)
+        return int(free / MARGIN) - plan.total(Tier.COMPUTE)
+    available, _ = host_available()
+    return int(available / MARGIN) - plan.total(Tier.COMPUTE) - plan.total(Tier.HOST)
 
 
 SCRATCH_CACHE = (100.0, 0.0, 0.0)  # a scoring block's keys and values: on the compute device, never stored

@@ -35,6 +35,7 @@ from ..storage.kvcache import KVCache
 from ..system.io import ReadSlab
 from ..system.limits import share_one_allocator_arena, trim_allocator
 from .budget import SCRATCH_CACHE
+from .expertcache import ExpertCache
 
 IO_THREADS = 4
 
@@ -120,6 +121,8 @@ class LocalExecutor:
         self._pending_stores: dict[KVCache, Future] = {}
         self._next_weights: Future | None = None
         self._allocations = itertools.count()  # each micro-batch's caches get their own files
+        cache_bytes = int((policy.expert_cache_gib or 0) * 2**30)
+        self.expert_cache = ExpertCache(cache_bytes, devices.usage[Tier.COMPUTE])
 
     # ----- placement -------------------------------------------------------------------------
     def _place_weights(self, store: WeightSource) -> dict[str, WeightHome]:
@@ -215,12 +218,25 @@ class LocalExecutor:
         return LoadedWeights(LayerWeights(tensors, lazy, self._load_experts), moved)
 
     def _load_experts(self, homes: list[WeightHome]) -> tuple[list, int]:
-        """Experts' tensors on the compute device, read in parallel into buffers of their own (they
-        live as long as the layer's use), and the bytes that moved onto the compute tier."""
-        loaded = list(_WEIGHT_READERS.map(lambda home: home.load(self.devices), homes))
-        moved = sum(t.nbytes for t, home in zip(loaded, homes) if t is not home.value)
+        """Experts' tensors on the compute device: from the expert cache where it holds them (no
+        read), the others read in parallel into buffers of their own and kept in the cache when
+        they come from a slower tier; and the bytes moved onto the compute tier for this use only."""
+        cached = {h.name: self.expert_cache.get(h.name) for h in homes if self._cacheable(h)}
+        missing = [h for h in homes if cached.get(h.name) is None]
+        loaded = dict(zip([h.name for h in missing],
+                          _WEIGHT_READERS.map(lambda home: home.load(self.devices), missing)))
+        moved = 0
+        for home in missing:
+            t = loaded[home.name]
+            kept = self._cacheable(home) and self.expert_cache.put(home.name, t, t.nbytes)
+            if t is not home.value and not kept:
+                moved += t.nbytes
         self.devices.usage[Tier.COMPUTE].add(moved)
-        return loaded, moved
+        return [loaded[h.name] if cached.get(h.name) is None else cached[h.name] for h in homes], moved
+
+    def _cacheable(self, home: WeightHome) -> bool:
+        """Whether a use of this expert reads it from a slower tier (what the expert cache saves)."""
+        return home.tier is Tier.DISK or (home.tier is Tier.HOST and not self.devices.host_is_compute)
 
     def _wait(self, future: Future):
         t0 = time.perf_counter()
@@ -284,5 +300,6 @@ class LocalExecutor:
 
     def close(self) -> None:
         self.drain()
+        self.expert_cache.clear()
         self.io.shutdown(wait=True)
         release_dense_buffers()
