@@ -2,11 +2,15 @@
 lm-eval's `hf` backend and through the `flexgen` backend, same model, same requests, same dtype,
 in one process (one run each after a warm-up call of the same requests).
 
-    python benchmark/bench_eval.py --model DIR [--questions 32] [--percent 100:0:100:0:100:0]
+    python benchmark/bench_eval.py --model DIR [--questions 32] [--percent 100:0:100:0:100:0 | auto]
         [--gpu-batch-size 32] [--num-gpu-batches 2] [--hf-batch-size 16] [--systems hf,flexgen]
 
+Systems: `hf` (lm-eval's backend, the model in memory), `hf-offload` (the same with Accelerate's
+`device_map="auto"` and `--hf-max-cpu-memory`, the rest offloaded to disk under `--offload-dir`),
+`flexgen` (`--percent auto`: the planner chooses the policy), `flexgen-unpacked` (the engine with
+every request in its own row: no shared context, no side-by-side rows).
 Prints one JSON line per system: requests, tokens (context + continuation), seconds, tokens/s;
-and the ratio. DIR: a Hugging Face directory with a tokenizer (e.g. SmolLM2 from
+and each flexgen system's ratio over the first hf system. DIR: a Hugging Face directory with a tokenizer (e.g. SmolLM2 from
 `python -m flexgen_dist.models.fetch smollm2-135m-instruct DIR`)."""
 from __future__ import annotations
 
@@ -44,12 +48,20 @@ def timed(lm, pairs) -> tuple[float, list]:
 
 
 def build(system: str, args):
-    if system == "hf":
+    if system.startswith("hf"):
         from lm_eval.models.huggingface import HFLM
-        return HFLM(pretrained=args.model, dtype=args.dtype, device="cpu", batch_size=args.hf_batch_size)
+        offload = {"parallelize": True, "max_cpu_memory": args.hf_max_cpu_memory,
+                   "offload_folder": args.offload_dir + "/hf"} if system == "hf-offload" else {}
+        return HFLM(pretrained=args.model, dtype=args.dtype, device="cpu", batch_size=args.hf_batch_size, **offload)
+    if system == "flexgen-unpacked":
+        import functools
+
+        from flexgen_dist.engine.engine import Engine
+        Engine.score = functools.partialmethod(Engine.__dict__["score"], pack=False)
     from flexgen_dist.cli.eval import FlexGenLM
-    return FlexGenLM(pretrained=args.model, dtype=args.dtype, percent=args.percent, offload_dir=args.offload_dir,
-                     gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches)
+    policy = {} if args.percent == "auto" else {"percent": args.percent, "gpu_batch_size": args.gpu_batch_size,
+                                                "num_gpu_batches": args.num_gpu_batches}
+    return FlexGenLM(pretrained=args.model, dtype=args.dtype, offload_dir=args.offload_dir + "/" + system, **policy)
 
 
 def main() -> int:
@@ -61,6 +73,7 @@ def main() -> int:
     p.add_argument("--gpu-batch-size", type=int, default=32)
     p.add_argument("--num-gpu-batches", type=int, default=2)
     p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--hf-max-cpu-memory", default="256MiB", help="hf-offload: Accelerate's memory for weights")
     p.add_argument("--offload-dir", default="/tmp/bench_eval_offload")
     p.add_argument("--systems", default="hf,flexgen")
     args = p.parse_args()
@@ -74,15 +87,27 @@ def main() -> int:
         print(json.dumps({"system": system, "requests": len(pairs), "tokens": tokens, "seconds": round(seconds, 2),
                           "tokens_per_s": round(tokens / seconds, 1), "dtype": args.dtype,
                           **({"percent": args.percent, "gpu_batch_size": args.gpu_batch_size,
-                              "num_gpu_batches": args.num_gpu_batches} if system == "flexgen"
+                              "num_gpu_batches": args.num_gpu_batches} if system.startswith("flexgen")
                              else {"batch_size": args.hf_batch_size})}), flush=True)
+        engine = getattr(getattr(lm, "session", None), "engine", None)
+        if engine is not None:  # the policy it ran (the planner's with --percent auto)
+            p = engine.policy
+            print(json.dumps({"system": system, "policy": ":".join(f"{v:g}" for v in (
+                p.w_gpu_percent, p.w_cpu_percent, p.cache_gpu_percent, p.cache_cpu_percent, p.act_gpu_percent,
+                p.act_cpu_percent)), "gpu_batch_size": p.gpu_batch_size, "num_gpu_batches": p.num_gpu_batches,
+                "compress_weight": p.compress_weight, "dtype": str(engine.dtype)}), flush=True)
+        if system == "flexgen-unpacked":
+            from flexgen_dist.engine.engine import Engine
+            Engine.score = Engine.__dict__["score"].func
         if hasattr(lm, "session"):
             lm.session.end()
         del lm
-    if len(rates) == 2:
-        a, b = answers.values()
-        print(json.dumps({"ratio_flexgen_over_hf": round(rates["flexgen"] / rates["hf"], 2),
-                          "max_abs_loglikelihood_diff": max(abs(x - y) for x, y in zip(a, b))}))
+    base = next((s for s in rates if s.startswith("hf")), None)
+    for system, rate in rates.items():
+        if base is not None and system.startswith("flexgen"):
+            diff = max(abs(x - y) for x, y in zip(answers[system], answers[base]))
+            print(json.dumps({"ratio": f"{system} / {base}", "value": round(rate / rates[base], 2),
+                              "max_abs_loglikelihood_diff": diff}))
     return 0
 
 

@@ -2,7 +2,8 @@
 
     mpirun -n N python tests/pipeline_job.py job.json
 
-Rank 0 writes the token ids of each run to the job's `output` file."""
+Rank 0 writes the token ids of each run (or, for a job with `score` pairs, their log-likelihoods and
+greedy flags) to the job's `output` file."""
 import json
 import sys
 
@@ -22,10 +23,13 @@ def main(path: str) -> None:
                                         dtype="float32", dist=ctx, stage_layers=run.get("stage_layers"),
                                         micro_batches=run.get("micro_batches"),
                                         prefill_chunks=run.get("prefill_chunks", 1), comm_timeout=60)
-        out = engine.generate(job["prompts"], max_new_tokens=job["new_tokens"], **run.get("generate", {}))
+        if "score" in job:  # (context, continuation) pairs: (log-likelihood, greedy) per pair
+            out = engine.score(job["score"])
+        else:
+            out = engine.generate(job["prompts"], max_new_tokens=job["new_tokens"], **run.get("generate", {}))
         engine.close()
         if ctx.first:
-            results.append(out.tolist())
+            results.append(out if "score" in job else out.tolist())
     if ctx.first:
         with open(job["output"], "w") as f:
             json.dump(results, f)

@@ -26,6 +26,7 @@ from ..dist.context import DistContext, detect
 from ..dist.failures import fail, stop_watching, watch_for_failures
 from ..dist.group import broadcast, init, shutdown
 from ..engine.engine import Engine
+from ..engine.packing import fill_width, model_rows
 from ..engine.scoring import model_input
 from ..models.checkpoint import resolve_model
 from ..planning.costmodel import Workload
@@ -137,6 +138,7 @@ class FlexGenLM(TemplateLM):
         model = resolve_model(str(pretrained), dummy_weights=bool(options.get("dummy_weights")))
         self.max_length, self.max_gen_toks, self.add_bos_token = model.spec.max_positions, max_gen_toks, add_bos_token
         self.eos_ids = model.eos_token_ids
+        self.cheap = fill_width(model.spec)
         from transformers import AutoTokenizer
         path = options.get("tokenizer") or model.tokenizer_path
         if path is None:
@@ -161,8 +163,10 @@ class FlexGenLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         pairs = [(list(context), list(continuation)) for _, context, continuation in requests]
-        inputs = [model_input(c, t, self.max_length)[0] for c, t in pairs]
-        workload = Workload(max(map(len, inputs)), 1, scored=max(len(t) for _, t in pairs))
+        rows = [model_input(c, t, self.max_length) for c, t in pairs]
+        inputs = [inp for inp, _ in rows]
+        units = [row for row, _ in model_rows(rows, self.max_length, cheap=self.cheap)]  # the rows the engine will run
+        workload = Workload(max(len(row.tokens) for row in units), 1, scored=max(len(row.targets) for row in units))
         t0 = time.perf_counter()
         results = self.session.call(("score", pairs), workload)
         summary("scored", len(pairs), sum(map(len, inputs)), time.perf_counter() - t0)

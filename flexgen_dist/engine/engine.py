@@ -199,11 +199,13 @@ class Engine:
         return RowParams(max_tokens=config.max_new_tokens, stop=list(config.stop), do_sample=config.do_sample,
                          temperature=config.temperature, top_p=config.top_p, seed=config.seed, key=index)
 
-    def score(self, requests) -> list[tuple[float, bool]] | None:
+    def score(self, requests, pack: bool = True) -> list[tuple[float, bool]] | None:
         """Per (context ids, continuation ids) pair: the continuation's summed log-probability
         given the context and whether greedy decoding would produce it (lm-eval's
-        `loglikelihood`). Rank 0 gets the list, the others None. See `scoring.score`."""
-        return scoring.score(self, requests)
+        `loglikelihood`). Rank 0 gets the list, the others None. Unless `pack` is False, a
+        context shared by several requests is computed once and short requests share a row
+        instead of padding. See `scoring.score`."""
+        return scoring.score(self, requests, pack)
 
     def score_rolling(self, docs, prefix_token: int | None = None) -> list[float] | None:
         """Per document (token ids): its summed log-likelihood over windows of the model's context

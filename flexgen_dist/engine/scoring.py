@@ -2,8 +2,14 @@
 documents over windows of the model's context (`loglikelihood_rolling`), through the same block
 schedule as generation but prefill-only (`runtime.score.ScoreRun`).
 
-Requests are sorted longest first and cut into blocks of `micro_batches * block_size` rows, so rows
-of a block have similar lengths; results come back in request order. Every rank calls with the
+Requests are packed into model rows (`packing`): a context shared by several requests (the
+choices of one multiple-choice question) once, then each continuation as a segment that sees the
+context and itself only; short rows side by side instead of padded. The attention bias keeps
+segments apart and each token keeps the position it would have alone, so each request's scores are
+those of its own sequence.
+
+Model rows are sorted longest first and cut into blocks of `micro_batches * block_size` rows, so
+rows of a block have similar lengths; results come back in request order. Every rank calls with the
 same requests; rank 0 gets the results.
 """
 from __future__ import annotations
@@ -13,6 +19,7 @@ from tqdm import tqdm
 from ..core.errors import FlexGenError
 from ..runtime.score import ScoreRun
 from ..runtime.stats import GenerationStats
+from .packing import fill, fill_width, model_rows
 
 
 def model_input(context: list[int], continuation: list[int], max_len: int) -> tuple[list[int], list[int]]:
@@ -41,38 +48,50 @@ def _checked(engine, requests) -> list[tuple[list[int], list[int]]]:
     return out
 
 
-def score(engine, requests) -> list[tuple[float, bool]] | None:
+def score(engine, requests, pack: bool = True) -> list[tuple[float, bool]] | None:
     """(summed log-probability, greedy) per (context, continuation) request, in request order."""
-    scores = position_scores(engine, _checked(engine, requests))
+    scores = position_scores(engine, _checked(engine, requests), pack=pack)
     if scores is None:
         return None
     return [(float(part[:, 0].double().sum()), bool(part[:, 1].all())) for part in scores]
 
 
-def position_scores(engine, rows: list[tuple[list[int], list[int]]], job_stats=None) -> list | None:
+def position_scores(engine, rows: list[tuple[list[int], list[int]]], job_stats=None,
+                    pack: bool = True) -> list | None:
     """Per (input ids, targets) row, a (len(targets), SCORE_WIDTH) float32 tensor of what the
     model gives the targets, predicted by the input's last positions (`models.base.token_scores`),
     in row order, on rank 0 (None elsewhere). Every rank calls with the same rows. With
-    `job_stats` (a batch job's), the time counts there, silently."""
+    `job_stats` (a batch job's), the time counts there, silently. `pack`: several rows in one
+    model row where that saves work (see `packing`); else one model row each."""
     if not rows:
         return [] if engine.ctx.first else None
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    cheap = fill_width(engine.spec)
+    units = model_rows(rows, engine.spec.max_positions, pack, cheap)
+    if pack:
+        units = fill(units, min(max(len(row.tokens) for row, _ in units), cheap))
+    units.sort(key=lambda unit: -len(unit[0].tokens))
     block = engine.micro_batches * engine.policy.block_size
     stats = job_stats or GenerationStats(prompts=len(rows), prompt_tokens=sum(len(inp) for inp, _ in rows))
     bar = tqdm(total=len(rows), unit="req", desc="scoring", disable=not engine.progress or job_stats is not None)
     results: list = [None] * len(rows)
-    for b0 in range(0, len(order), block):
-        chunk = order[b0:b0 + block]
-        scores = ScoreRun(engine, [rows[i][0] for i in chunk], [rows[i][1] for i in chunk]).run(stats)
-        if scores is not None:
-            for r, i in enumerate(chunk):
-                results[i] = scores[r, scores.shape[1] - len(rows[i][1]):]
-        bar.update(len(chunk))
+    for b0 in range(0, len(units), block):
+        chunk = units[b0:b0 + block]
+        scores = ScoreRun(engine, [row for row, _ in chunk]).run(stats)
+        for r, (row, members) in enumerate(chunk):
+            if scores is not None:
+                _split(scores[r, scores.shape[1] - len(row.targets):], members, rows, results)
+            bar.update(len(members))
     bar.close()
     engine.ring.flush()
     if job_stats is None:
         engine.last_stats = stats
     return results if engine.ctx.first else None
+
+
+def _split(scores, members: list[tuple[int, int]], rows, results: list) -> None:
+    """A model row's scores, (its targets, SCORE_WIDTH), to the rows it scores."""
+    for i, start in members:
+        results[i] = scores[start:start + len(rows[i][1])]
 
 
 def rolling_windows(tokens: list[int], prefix_token: int, max_len: int) -> list[tuple[list[int], list[int]]]:

@@ -122,12 +122,18 @@ SCORE_CHUNK = 1 << 24  # logits (float32 elements) the output head makes at once
 
 
 def score_positions(h: torch.Tensor, targets: torch.Tensor, logits_of: Callable, vocab: int) -> torch.Tensor:
-    """`token_scores` of the positions of `h` (b, w, hidden) that predict `targets` (b, w), with
-    `logits_of` (the family's final norm and projection) applied to a few positions at a time, so
-    that at most `SCORE_CHUNK` logits exist at once (a long window's full logits would not fit)."""
-    step = max(1, SCORE_CHUNK // max(1, h.shape[0] * vocab))
-    return torch.cat([token_scores(logits_of(h[:, a:a + step]), targets[:, a:a + step])
-                      for a in range(0, h.shape[1], step)], dim=1)
+    """`token_scores` of the positions of `h` (b, w, hidden) that predict `targets` (b, w): only
+    positions with a target (>= 0) go through `logits_of` (the family's final norm and projection),
+    a few at a time, so that at most `SCORE_CHUNK` logits exist at once (a long window's full
+    logits would not fit); zeros elsewhere."""
+    wanted = (targets >= 0).nonzero(as_tuple=True)
+    picked, ids = h[wanted], targets[wanted]
+    out = torch.zeros(*targets.shape, SCORE_WIDTH, dtype=torch.float32, device=h.device)
+    step = max(1, SCORE_CHUNK // max(1, vocab))
+    if len(ids):
+        out[wanted] = torch.cat([token_scores(logits_of(picked[None, a:a + step])[0], ids[a:a + step])
+                                 for a in range(0, len(ids), step)])
+    return out
 
 
 @dataclass

@@ -1,6 +1,10 @@
 """One scoring block through this rank's stage: a prefill-only pass.
 
 Every row is a token sequence and the tokens its last positions should predict (a continuation).
+A row may be packed (`ScoreRow.segments`): e.g. a shared context (segment 0) followed by several
+continuations (segments 1, 2, ...), each seeing the context and itself only, at the positions it
+would have alone (`ScoreRow.positions`), so the context is computed once for all of them; or
+several sequences side by side, each seeing only itself.
 Each micro-batch's whole sequence goes through the stage once (no decode step, no prefill pieces);
 its keys and values are scratch on the compute device. The last rank's output head turns only the
 positions that predict a target into logits and sends back, per row and scored position, the
@@ -12,11 +16,56 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 
 import torch
 
-from ..models.base import SCORE_WIDTH
-from .block import left_pad, pack, step_inputs, unpack
+from ..models.base import SCORE_WIDTH, StepInputs
+from .block import left_pad, pack, unpack
+
+
+@dataclass
+class ScoreRow:
+    """One row of a scoring block: `tokens`, the `targets` its last positions predict (-1: a
+    position between them that predicts nothing), and for a packed row each token's position id,
+    segment and `context`: token q sees the earlier tokens of its own segment and of segment
+    `context[q]`. None: positions 0, 1, ... and one segment (a plain sequence)."""
+
+    tokens: list[int]
+    targets: list[int]
+    positions: list[int] | None = None
+    segments: list[int] | None = None
+    context: list[int] | None = None
+
+    def layout(self) -> tuple[list[int], list[int], list[int]]:
+        """(positions, segments, context), the defaults filled in."""
+        n = len(self.tokens)
+        segments = self.segments or [0] * n
+        return self.positions or list(range(n)), segments, self.context or segments
+
+
+def row_inputs(rows: list[ScoreRow], width: int) -> list[torch.Tensor]:
+    """[positions, segments, context, mask], each (rows, width), left-padded (pads: 0, masked)."""
+    out = [torch.zeros((len(rows), width), dtype=torch.long) for _ in range(3)]
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for r, row in enumerate(rows):
+        n = len(row.tokens)
+        for tensor, values in zip(out, row.layout()):
+            tensor[r, width - n:] = torch.tensor(values)
+        mask[r, width - n:] = True
+    return out + [mask]
+
+
+def score_inputs(positions, segments, context, mask, dtype: torch.dtype, device, targets) -> StepInputs:
+    """Whole-sequence inputs: token q sees token k <= q when k is a token (not padding) of q's own
+    segment or of segment `context[q]`. With one segment this is the causal mask
+    `block.step_inputs` makes."""
+    total = mask.shape[1]
+    causal = torch.arange(total)[None, :] <= torch.arange(total)[:, None]  # (query, key)
+    keys = segments[:, None, :]
+    visible = causal[None] & mask[:, None, :] & ((keys == segments[:, :, None]) | (keys == context[:, :, None]))
+    bias = torch.zeros((len(mask), 1, total, total), dtype=dtype).masked_fill_(~visible[:, None], torch.finfo(dtype).min)
+    return StepInputs(positions.to(device), bias.to(device), 0, targets.to(device) if targets is not None else None)
 
 
 def right_aligned(targets: list[list[int]], width: int) -> torch.Tensor:
@@ -40,13 +89,14 @@ class ScoreRun:
     block is not filled: a prefill-only pass needs no fixed shape, so no filler row is computed).
     Row r's targets are what its last `len(targets[r])` positions predict."""
 
-    def __init__(self, engine, inputs: list[list[int]], targets: list[list[int]]):
+    def __init__(self, engine, rows: list[ScoreRow]):
         self.engine, self.ctx, self.ring, self.ex = engine, engine.ctx, engine.ring, engine.executor
         self.gbs, self.hidden = engine.policy.gpu_batch_size, engine.spec.hidden_size
-        self.scored = max(1, max(map(len, targets)))
-        cuts = micro_slices(len(inputs), engine.micro_batches)
-        self.micro = [left_pad(inputs[c], engine.spec.pad_id) for c in cuts]
-        self.targets = [right_aligned(targets[c], self.scored) for c in cuts]
+        self.scored = max(1, max(len(row.targets) for row in rows))
+        cuts = micro_slices(len(rows), engine.micro_batches)
+        self.micro = [left_pad([row.tokens for row in rows[c]], engine.spec.pad_id) for c in cuts]
+        self.layouts = [row_inputs(rows[c], ids.shape[1]) for c, (ids, _) in zip(cuts, self.micro)]
+        self.targets = [right_aligned([row.targets for row in rows[c]], self.scored) for c in cuts]
 
     def run(self, stats) -> torch.Tensor | None:
         """(rows, scored, SCORE_WIDTH) float32 scores on rank 0 (see `models.base.token_scores`); None elsewhere."""
@@ -78,10 +128,9 @@ class ScoreRun:
 
     def _compute(self, x: torch.Tensor, t: int, cache) -> None:
         device, gbs = self.engine.devices.compute, self.gbs
-        mask, width = self.micro[t][1], x.shape[1]
-        masks = mask.split(gbs)
-        targets = self.targets[t].split(gbs) if self.ctx.last else [None] * len(masks)  # only the head reads them
-        inputs = [step_inputs(m, width, self.engine.dtype, device, tg) for m, tg in zip(masks, targets)]
+        pieces = [part.split(gbs) for part in self.layouts[t]]
+        targets = self.targets[t].split(gbs) if self.ctx.last else [None] * len(pieces[0])  # only the head reads them
+        inputs = [score_inputs(*parts, self.engine.dtype, device, tg) for *parts, tg in zip(*pieces, targets)]
         y = torch.cat(self.ex.forward_step([c.to(device) for c in x.split(gbs)], inputs, cache))
         self.ring.send(pack(y.float() if self.ctx.last else y, 0))
 
