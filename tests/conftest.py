@@ -152,20 +152,51 @@ def _force_int4(monkeypatch, on: bool | str):
     return probe.int4_choice.cache_clear  # to call at teardown: no later test inherits the answer
 
 
-@pytest.fixture(params=["packed", "dense"])
+def _force_cpu_kernel(monkeypatch, which: str):
+    """FLEXGEN_CKERNEL set to `which` (0: PyTorch's int4 kernel only; avx2: the compiled kernel's
+    AVX2 path only), the per-process answer cleared now and at teardown (returned)."""
+    from flexgen_dist.kernels import compiled
+    monkeypatch.setenv(compiled.ENV, which)  # also seen by ranks mpirun starts
+    compiled.load.cache_clear()
+    return compiled.load.cache_clear
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def cpu_int4_kernel(request, monkeypatch):
+    """Both CPU int4 kernels: the compiled one (skipped where it cannot be built) and PyTorch's."""
+    from flexgen_dist.kernels import compiled
+    clear = _force_cpu_kernel(monkeypatch, "1" if request.param == "compiled" else "0")
+    if request.param == "compiled" and compiled.kernel() is None:
+        clear()
+        pytest.skip(f"no compiled kernel here: {compiled.load()[1]}")
+    yield request.param
+    clear()
+
+
+@pytest.fixture(params=["packed", "packed-torch", "packed-avx2", "dense"])
 def int4_mode(request, monkeypatch):
     """Both outcomes of the int4 probe on every CPU: compressed linear weights multiplied from the
-    packed codes (forced on where the kernel works) or dequantized first (forced off)."""
-    clear = _force_int4(monkeypatch, request.param == "packed")
-    if request.param == "packed":
+    packed codes (forced on where the kernel works: the compiled kernel where it is built,
+    PyTorch's, the compiled kernel's AVX2 path as on an AVX2-only CPU) or dequantized first
+    (forced off)."""
+    from flexgen_dist.kernels import compiled
+    mode = request.param
+    clear_kernel = _force_cpu_kernel(monkeypatch, {"packed-torch": "0", "packed-avx2": "avx2"}.get(mode, "1"))
+    if mode == "packed-avx2" and (compiled.kernel() is None or compiled.AVX2_F32 not in compiled.kernel().paths):
+        clear_kernel()
+        pytest.skip(f"no compiled AVX2 path here: {compiled.load()[1]}")
+    clear = _force_int4(monkeypatch, mode != "dense")
+    if mode != "dense":
         from flexgen_dist.kernels import probe
         device = "cuda" if torch.cuda.is_available() else "cpu"  # where the engine computes
         choice = probe.int4_choice(device, torch.float32, False)  # these tests ask for float32
         if not choice.use:  # tinygemm takes bf16 activations only: the engine dequantizes there
             clear()
+            clear_kernel()
             pytest.skip(f"no packed int4 product for float32 on {device}: {choice.reason}")
-    yield request.param
+    yield mode
     clear()
+    clear_kernel()
 
 
 @pytest.fixture

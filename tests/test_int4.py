@@ -85,11 +85,17 @@ def test_a_large_weight_quantized_in_parts_is_the_weight_quantized_whole(monkeyp
     assert parts.shape == whole.shape == (300, 128)
 
 
-@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="this PyTorch has no CPU int4 kernel")
-@pytest.mark.parametrize("rows", [1, kernels.INT4_MAX_ROWS, kernels.INT4_MAX_ROWS + 1])
-def test_few_rows_use_the_kernel_and_many_dequantize(rows, monkeypatch):
+@pytest.mark.parametrize("over", [None, 0, 1])
+def test_few_rows_use_the_kernel_and_many_dequantize(over, cpu_int4_kernel, monkeypatch):
+    """Up to the kernel's row limit (PyTorch's: 32; the compiled one's: 128) a product multiplies
+    from the codes, above it dequantizes; `over` rows past the limit (None: one row)."""
+    if cpu_int4_kernel == "torch" and not HAS_CPU_KERNEL:
+        pytest.skip("this PyTorch has no CPU int4 kernel")
+    limit = kernels.COMPILED_MAX_ROWS if cpu_int4_kernel == "compiled" else kernels.INT4_MAX_ROWS
+    rows = 1 if over is None else limit + over
     g = torch.Generator().manual_seed(2)
     w = int4.with_scales_in(int4.int4_to_cpu_form(quantize_int4(torch.randn(96, 128, generator=g), 64)), torch.float32)
+    assert kernels.max_kernel_rows(w, rows) == limit
     b = torch.randn(96, generator=g)
     x = torch.randn(1, rows, 128, generator=g)
     calls, original = [], int4.int4_mm
@@ -97,7 +103,7 @@ def test_few_rows_use_the_kernel_and_many_dequantize(rows, monkeypatch):
     y = kernels.linear(x, w, b)
     assert y.shape == (1, rows, 96)
     torch.testing.assert_close(y, x @ dequantize_int4(w).T + b, atol=1e-4, rtol=1e-4)
-    assert calls == ([(rows, 128)] if rows <= kernels.INT4_MAX_ROWS else [])
+    assert calls == ([(rows, 128)] if rows <= limit else [])
 
 
 class _Source:
@@ -163,7 +169,8 @@ def test_many_rows_dequantize_into_one_reused_buffer():
     kernels.release_dense_buffers()  # what earlier tests on this thread left
     g = torch.Generator().manual_seed(6)
     large, small = (quantize_int4(torch.randn(n, k, generator=g), 32) for n, k in ((192, 256), (70, 64)))
-    x_large, x_small = torch.randn(40, 256, generator=g), torch.randn(40, 64, generator=g)
+    rows = max(kernels.COMPILED_MAX_ROWS, kernels.INT4_MAX_ROWS) + 8  # dequantized by either kernel
+    x_large, x_small = torch.randn(rows, 256, generator=g), torch.randn(rows, 64, generator=g)
     y_large = kernels.linear(x_large, large)
     buffer = kernels._scratch.buffers[torch.float32]
     y_small = kernels.linear(x_small, small)

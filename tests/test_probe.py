@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import PROMPTS, count_int4_products, reference_generate
 from flexgen_dist import Engine, Policy
-from flexgen_dist.kernels import int4, probe
+from flexgen_dist.kernels import compiled, int4, probe
 from flexgen_dist.kernels import linear as kernels
 from flexgen_dist.run import main
 
@@ -128,9 +128,11 @@ def compressed_tokens(path, tmp_path, dtype="float32"):
 
 
 @pytest.mark.parametrize("failure", ["raise", "wrong"])
-def test_int4_falls_back_to_dequantizing_when_the_kernel_fails(opt_checkpoint, tmp_path, monkeypatch, failure):
-    """A kernel that raises (no int4 path for this CPU or dtype) or computes something else is not
-    used even when forced on: the run dequantizes and gives the tokens of a run forced off."""
+def test_int4_falls_back_to_dequantizing_when_the_kernel_fails(opt_checkpoint, tmp_path, monkeypatch, failure,
+                                                              cpu_int4_kernel):
+    """A kernel (compiled or PyTorch's) that raises (no int4 path for this CPU or dtype) or
+    computes something else is not used even when forced on: the run dequantizes and gives the
+    tokens of a run forced off."""
     monkeypatch.setenv(probe.INT4_ENV, "0")
     off_kernels, expected = compressed_tokens(opt_checkpoint[0], tmp_path / "off")
     assert off_kernels == "dequantize + dense (forced by FLEXGEN_INT4=0)"
@@ -139,7 +141,10 @@ def test_int4_falls_back_to_dequantizing_when_the_kernel_fails(opt_checkpoint, t
         if failure == "raise":
             raise RuntimeError("_weight_int4pack_mm_cpu: expect A to be either 32-bit or 16-bit float tensor.")
         return torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype)
-    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", broken)
+    if cpu_int4_kernel == "compiled":
+        monkeypatch.setattr(compiled, "int4_mm", lambda kernel, x, w, path: broken(x, w.data, 0, None))
+    else:
+        monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", broken)
     monkeypatch.setenv(probe.INT4_ENV, "1")
     probe.int4_choice.cache_clear()
     calls = count_int4_products(monkeypatch)
@@ -204,8 +209,10 @@ def test_int4_forced_feeds(monkeypatch):
 
 
 def test_int4_kernel_reading_an_unknown_layout_is_not_used(monkeypatch):
-    """A CPU whose conversion op writes neither known layout: the engine's codes would be read
-    wrong, so the kernel is not used even when forced."""
+    """A CPU whose conversion op writes neither known layout, and no compiled kernel: the engine's
+    codes would be read wrong, so PyTorch's kernel is not used even when forced."""
+    from conftest import _force_cpu_kernel
+    clear = _force_cpu_kernel(monkeypatch, "0")
     monkeypatch.setattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", lambda codes, inner: codes.byte()[:, ::2])
     int4.int4_cpu_block.cache_clear()
     monkeypatch.setenv(probe.INT4_ENV, "1")
@@ -213,6 +220,7 @@ def test_int4_kernel_reading_an_unknown_layout_is_not_used(monkeypatch):
         choice = probe.int4_choice("cpu", torch.float32, True)
     finally:
         int4.int4_cpu_block.cache_clear()
+        clear()
     assert not choice.use and choice.reason == "the int4 kernel reads a layout this engine does not write"
 
 

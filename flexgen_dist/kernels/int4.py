@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..core.compression import CompressionConfig
+from . import compiled
 from .quantize import compressed_parts, fake_quantize
 
 BLOCK_N = 64  # rows per block of the default CPU layout (AVX-512's); the largest, so padded rows fill any
@@ -243,13 +244,39 @@ def _int4_op(device_type: str, which: int):
     return getattr(torch.ops.aten, name)
 
 
+def compiled_path(w: Int4Weight, rows: int) -> tuple[compiled.Kernel, int] | None:
+    """(kernel, path) where the compiled CPU kernel takes this product, else None."""
+    kernel = compiled.kernel() if w.form == "cpu" else None
+    path = kernel.path_for(w.scales_zeros.dtype, rows, w.block_n) if kernel is not None else None
+    return None if path is None else (kernel, path)
+
+
 def int4_mm(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
-    """x (rows, K) @ w.T from an Int4Weight's packed codes: (rows, padded N) in x's dtype. The
+    """x (rows, K) @ w.T from an Int4Weight's packed codes: (rows, N or padded N) in x's dtype. The
     kernel is fed activations of the dtype of w's scales, which `kernels.int4_for_device` set to
     the feed the engine chose once (`probe.int4_choice`: the model's dtype unless --dtype auto let
-    a float32 model's kernel be fed bf16)."""
+    a float32 model's kernel be fed bf16): the compiled one on a CPU where it is built, else
+    PyTorch's."""
     fed = w.scales_zeros.dtype
+    chosen = compiled_path(w, x.shape[0])
+    if chosen is not None:
+        kernel, path = chosen
+        x_in = x.to(fed).to(compiled.input_dtype(path)).contiguous()
+        return compiled.int4_mm(kernel, x_in, w, path).to(x.dtype)
     return _int4_op(w.form, 1)(x.to(fed), w.data, w.group_size, w.scales_zeros).to(x.dtype)
+
+
+def uses_compiled(fed: torch.dtype, block: int) -> bool:
+    """Whether CPU products of 4-bit weights in `block`-row blocks fed `fed` take the compiled kernel."""
+    kernel = compiled.kernel()
+    return kernel is not None and kernel.path_for(fed, 1, block) is not None
+
+
+def kernel_name(fed: torch.dtype, block: int) -> str:
+    """Which CPU kernel multiplies 4-bit weights fed `fed` activations, for reports."""
+    if uses_compiled(fed, block):
+        return f"compiled kernel: {compiled.kernel().describe(fed, block)}"
+    return "PyTorch's int4 kernel"
 
 
 def int4_to_cuda_form(w: Int4Weight) -> Int4Weight:
@@ -279,9 +306,20 @@ def int4_store_block() -> int:
         return BLOCK_N
 
 
+def cpu_kernel_reads_store() -> bool:
+    """Whether some CPU int4 kernel reads the layout the store writes: the compiled one (any of
+    them), or PyTorch's where its layout is one of ours."""
+    if compiled.kernel() is not None:
+        return True
+    try:
+        return int4_cpu_block() is not None
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
 def int4_to_cpu_form(w: Int4Weight) -> Int4Weight:
-    """A CPU-form Int4Weight in the layout this CPU's kernel reads."""
-    return to_block(w, int4_cpu_block())
+    """A CPU-form Int4Weight in the layout this CPU's kernels read (the store's)."""
+    return to_block(w, int4_store_block())
 
 
 def int4_layout_block(compression: CompressionConfig | None) -> int | None:

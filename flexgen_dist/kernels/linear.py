@@ -22,8 +22,13 @@ from . import int4, probe
 from .int4 import Int4Weight, dequantize_int4, take_rows, with_scales_in
 
 # above this many rows a CPU product dequantizes and multiplies dense: measured on AMX and AVX-512
-# CPUs, the int4 kernel's time grows with the rows while a dense bf16 product's hardly does
+# CPUs, PyTorch's int4 kernel's time grows with the rows while a dense bf16 product's hardly does
 INT4_MAX_ROWS = 32
+
+
+# the compiled kernel decodes each weight once per tile: measured on an AVX-512 BF16 CPU, it stays
+# ahead of dequantize + dense up to 128 rows and behind from 256 (benchmark/RESULTS.md)
+COMPILED_MAX_ROWS = 128
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -40,7 +45,7 @@ def int4_for_device(w: Int4Weight, device: torch.device, fed: torch.dtype) -> In
     or load: the CPU layout of this CPU's kernel (already the store's), tinygemm's form on a
     GPU; scales and zeros in `fed`, the dtype of the activations the kernel is fed (the engine's
     `Int4Choice.activations`: a float32 model's are bf16 only where --dtype auto chose that)."""
-    cpu_ready = device.type == "cpu" and w.block_n == int4.int4_cpu_block()
+    cpu_ready = device.type == "cpu" and w.block_n == int4.int4_store_block()
     if w.device == device and w.scales_zeros.dtype == fed and (cpu_ready or w.form == "cuda"):
         return w  # already there: the resident weight itself, so the executor counts no copy
     w = with_scales_in(w.to(device, non_blocking=w.data.is_pinned()), fed)
@@ -67,12 +72,17 @@ def release_dense_buffers() -> None:
     _scratch.__dict__.pop("buffers", None)
 
 
+def max_kernel_rows(w: Int4Weight, rows: int) -> int:
+    """Rows up to which a CPU product of `rows` rows multiplies from the codes."""
+    return COMPILED_MAX_ROWS if int4.compiled_path(w, rows) is not None else INT4_MAX_ROWS
+
+
 def int4_linear(x: torch.Tensor, w: Int4Weight, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ b) in x's dtype, from the packed codes; dense after dequantizing (into a reused
     buffer) for many rows on a CPU."""
     n, k = w.shape
     rows = x.numel() // k
-    if w.form == "cpu" and rows > INT4_MAX_ROWS:
+    if w.form == "cpu" and rows > max_kernel_rows(w, rows):
         return F.linear(x, dequantize_int4(w, out=_dense_buffer(w)), b)
     y = int4.int4_mm(x.reshape(rows, k).contiguous(), w)
     y = (y if y.shape[1] == n else y[:, :n]).reshape(*x.shape[:-1], n)
@@ -109,5 +119,9 @@ def describe_int4(device: torch.device, choice: probe.Int4Choice | None) -> str:
         return "dequantize + dense"
     if not choice.use:
         return f"dequantize + dense ({choice.reason})"
-    tail = f", dequantize + dense above {INT4_MAX_ROWS} rows" if device.type == "cpu" else ""
-    return f"packed int4 matmul ({choice.reason}){tail}"
+    if device.type != "cpu":
+        return f"packed int4 matmul ({choice.reason})"
+    block = int4.int4_store_block()
+    limit = COMPILED_MAX_ROWS if int4.uses_compiled(choice.activations, block) else INT4_MAX_ROWS
+    return (f"packed int4 matmul ({choice.reason}), {int4.kernel_name(choice.activations, block)}, "
+            f"dequantize + dense above {limit} rows")

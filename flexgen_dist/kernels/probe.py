@@ -5,9 +5,10 @@ an AVX2-only CPU it has no bf16 path at all (a bf16 matmul falls back to a scala
 slower) and its weight-packing op raises. So the CPU dtype is chosen by a short timed probe on the
 model's shapes, and the packed-weight fast path by trying the packing op once.
 
-Compressed (4-bit) matmul weights are multiplied from their packed codes where PyTorch's int4
-kernel for the device exists, runs for the dtype, matches the dequantized product and (on a CPU)
-beats dequantize + dense at decode shapes; see `int4_choice`.
+Compressed (4-bit) matmul weights are multiplied from their packed codes where an int4 kernel for
+the device exists (on a CPU the compiled one, `kernels.compiled`, else PyTorch's), runs for the
+dtype, matches the dequantized product and (on a CPU) beats dequantize + dense at decode shapes;
+see `int4_choice`.
 
 The answers can be forced for tests and for users who know better, through environment variables:
 `FLEXGEN_CPU_BF16=0|1` (treat bf16 as slow / fast), `FLEXGEN_CPU_PACK=0|1` (never pack / pack
@@ -30,10 +31,11 @@ import torch.nn.functional as F
 from ..core.errors import FlexGenError
 from ..core.timing import typical_times
 from ..core.types import DTYPES, dtype_name
+from . import compiled
 from .int4 import (
     _INT4_OPS,
+    cpu_kernel_reads_store,
     dequantize_int4,
-    int4_cpu_block,
     int4_mm,
     int4_to_cpu_form,
     int4_to_cuda_form,
@@ -244,7 +246,7 @@ def _int4_matches(device: torch.device, dtype: torch.dtype, fed: torch.dtype) ->
     """None if the int4 kernel runs here fed `fed` activations and gives the dequantized product
     (to the rounding of `fed`); else why not."""
     try:
-        if device.type == "cpu" and int4_cpu_block() is None:
+        if device.type == "cpu" and not cpu_kernel_reads_store():
             return "the int4 kernel reads a layout this engine does not write"
         w, x, dense = _int4_trial(device, dtype, fed, 128, 256)
         got = int4_mm(x, w)[:, :128].float()
@@ -304,7 +306,8 @@ def _int4_settled(device_type: str, forced) -> Int4Choice | None:
     """The answer where no trial is needed: forced off, or no kernel for the device."""
     if forced is False:
         return Int4Choice(False, f"forced by {INT4_ENV}={os.environ[INT4_ENV]}")
-    if device_type not in _INT4_OPS or not hasattr(torch.ops.aten, _INT4_OPS[device_type][1]):
+    has_torch_kernel = device_type in _INT4_OPS and hasattr(torch.ops.aten, _INT4_OPS[device_type][1])
+    if not has_torch_kernel and not (device_type == "cpu" and compiled.kernel() is not None):
         return Int4Choice(False, f"this PyTorch has no int4 kernel for {device_type}")
     return None
 
