@@ -13,7 +13,7 @@ import re
 GiB = 2 ** 30
 REQUIRED = ("scenario", "label", "system", "batch", "status")
 BASE_SYSTEM = "flexgen"  # the ratios compare every row with this project's best run
-RESULTS_BEGIN = "<!-- peers:{preset}:begin (written by benchmark/bench_peers.py; edits here are replaced) -->"
+RESULTS_BEGIN = "<!-- peers:{preset}:begin (written by {writer}; edits here are replaced) -->"
 RESULTS_END = "<!-- peers:{preset}:end -->"
 
 
@@ -127,9 +127,9 @@ def runs_table(rows: list[dict], scenario: str) -> str:
     return "\n".join(out)
 
 
-def replace_section(text: str, preset: str, section: str) -> str:
+def replace_section(text: str, preset: str, section: str, writer: str = "benchmark/bench_peers.py") -> str:
     """`text` with the preset's generated section replaced (or appended when it has none yet)."""
-    begin, end = RESULTS_BEGIN.format(preset=preset), RESULTS_END.format(preset=preset)
+    begin, end = RESULTS_BEGIN.format(preset=preset, writer=writer), RESULTS_END.format(preset=preset)
     block = f"{begin}\n{section.strip()}\n{end}"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if pattern.search(text):
