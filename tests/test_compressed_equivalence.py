@@ -39,8 +39,10 @@ def fake_quantized_checkpoint(opt_checkpoint, tmp_path_factory):
 
 
 def fake_quantized_cache(monkeypatch):
-    """Make an uncompressed engine round-trip every stored KV row through 4-bit quantization."""
+    """Make an uncompressed engine round-trip every stored KV row through 4-bit quantization (every
+    cache staged, so that the executor stores each step's rows: an in-place one needs no store)."""
     original = KVCache.store
+    monkeypatch.setattr(KVCache, "in_place", property(lambda self: False))
 
     def store(self, kv, start, end):
         config = CompressionConfig(4, min(64, self.head_dim), dim=-1)

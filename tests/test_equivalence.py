@@ -54,3 +54,24 @@ def test_tensor_input_with_attention_mask(opt_checkpoint, reference, tmp_path):
     finally:
         engine.close()
     assert torch.equal(out, reference[0])
+
+
+@pytest.mark.parametrize("placement, handed_off", [("all-compute", False), ("cache-disk", True),
+                                                   ("weights-disk", True)])
+def test_only_loads_that_move_data_go_to_io_threads(opt_checkpoint, reference, placement, handed_off, tmp_path):
+    """Weights resident on the compute device and a KV cache that lives there are used in place:
+    a step hands nothing to the I/O threads for them (a hand-off per layer cost more than the
+    load at batch 1), while a cache or weights elsewhere still load in the background."""
+    path, _ = opt_checkpoint
+    options = dict(PLACEMENTS[placement])
+    policy = Policy.from_percent(options.pop("percent"), **options)
+    engine = Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path, dtype="float32")
+    jobs = []
+    submit = engine.executor.io.submit
+    engine.executor.io.submit = lambda fn, *args: jobs.append(fn.__name__) or submit(fn, *args)
+    try:
+        ids = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    finally:
+        engine.close()
+    assert torch.equal(ids, reference[0])
+    assert bool(jobs) == handed_off, jobs

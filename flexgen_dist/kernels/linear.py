@@ -45,11 +45,16 @@ def int4_for_device(w: Int4Weight, device: torch.device, fed: torch.dtype) -> In
     or load: the CPU layout of this CPU's kernel (already the store's), tinygemm's form on a
     GPU; scales and zeros in `fed`, the dtype of the activations the kernel is fed (the engine's
     `Int4Choice.activations`: a float32 model's are bf16 only where --dtype auto chose that)."""
-    cpu_ready = device.type == "cpu" and w.block_n == int4.int4_store_block()
-    if w.device == device and w.scales_zeros.dtype == fed and (cpu_ready or w.form == "cuda"):
+    if int4_ready(w, device, fed):
         return w  # already there: the resident weight itself, so the executor counts no copy
     w = with_scales_in(w.to(device, non_blocking=w.data.is_pinned()), fed)
     return int4.int4_to_cuda_form(w) if device.type == "cuda" else int4.int4_to_cpu_form(w)
+
+
+def int4_ready(w: Int4Weight, device: torch.device, fed: torch.dtype) -> bool:
+    """Whether `w` is already on `device` in the form its int4 kernel reads when fed `fed`."""
+    cpu_ready = device.type == "cpu" and w.block_n == int4.int4_store_block()
+    return w.device == device and w.scales_zeros.dtype == fed and (cpu_ready or w.form == "cuda")
 
 
 _scratch = threading.local()  # per thread: dtype -> the buffer weights are dequantized into for one product

@@ -22,6 +22,7 @@ from ..kernels.int4 import Int4Weight
 from ..kernels.linear import (
     can_pack,
     int4_for_device,
+    int4_ready,
     pack_linear_weight,
     release_dense_buffers,
 )
@@ -113,6 +114,8 @@ class LocalExecutor:
         self.int4 = int4
         share_one_allocator_arena()
         self.homes = self._place_weights(store)
+        self._ready_layers = [all(self._ready(self.homes[w.name]) for w in layer.weights if w.expert is None)
+                              for layer in layers]
         self._slabs = self._read_slabs(store)
         self._loads = itertools.count()
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="flexgen-io") if policy.overlap else Inline()
@@ -132,6 +135,16 @@ class LocalExecutor:
             only_linear[w.name] = only_linear.get(w.name, True) and w.linear
         tiers = weight_homes(self.layers, self.policy, lambda w: store.nbytes(w.name))
         return {name: self._home(store, name, tier, only_linear[name]) for name, tier in tiers.items()}
+
+    def _ready(self, home: WeightHome) -> bool:
+        """Whether a use of `home` takes its resident value as it is (no read, copy or decoding):
+        what `WeightHome.load` returns unchanged."""
+        value, compute = home.value, self.devices.compute
+        if home.tier is Tier.DISK or isinstance(value, CompressedTensor):
+            return False
+        if isinstance(value, Int4Weight):
+            return home.int4_feed is not None and int4_ready(value, compute, home.int4_feed)
+        return isinstance(value, torch.Tensor) and value.device == compute
 
     def _read_slabs(self, store: WeightSource) -> list[ReadSlab]:
         """Two buffers for disk-homed weights, each the size of the largest layer's reads: the layer
@@ -203,8 +216,10 @@ class LocalExecutor:
             slab = self._slabs[next(self._loads) % len(self._slabs)]
             slab.reset()
             alloc = slab.take
-        # all of a layer's disk reads in flight at once: one request at a time leaves the SSD idle
-        loaded = list(_WEIGHT_READERS.map(lambda home: home.load(self.devices, alloc), homes))
+        if self._ready_layers[j]:
+            loaded = [home.value for home in homes]
+        else:  # all of a layer's disk reads in flight at once: one request at a time leaves the SSD idle
+            loaded = list(_WEIGHT_READERS.map(lambda home: home.load(self.devices, alloc), homes))
         tensors = {w.key: t for w, t in zip(specs, loaded)}
         # what this use materialised on the compute device: copied or decompressed tensors, and
         # reads unless they are used where they landed (a CPU's read slab, counted once as such)
@@ -256,10 +271,10 @@ class LocalExecutor:
         kv_loads = {cached_jobs[0]: self._submit_kv_load(cached_jobs[0], inputs, caches)} if cached_jobs else {}
         for j, k in jobs:
             if k == 0:
-                weights = self._wait(self._next_weights or self.io.submit(self._load_weights, j))
+                weights = self._wait(self._next_weights or self._submit_weights(j))
                 self._next_weights = None
                 if self.policy.overlap:  # the next layer's weights (layer 0 of the next step at the end)
-                    self._next_weights = self.io.submit(self._load_weights, (j + 1) % num_layers)
+                    self._next_weights = self._submit_weights((j + 1) % num_layers)
             kv = None
             if (j, k) in caches:
                 kv = self._wait(kv_loads.pop((j, k)))
@@ -274,7 +289,8 @@ class LocalExecutor:
             if kv is not None:
                 start, end = inputs[k].start, inputs[k].start + inputs[k].positions.shape[1]
                 cache = caches[(j, k)]  # keyed by the cache: every micro-batch has its own
-                self._pending_stores[cache] = self.io.submit(cache.store, kv, start, end)
+                if not cache.in_place:  # (an in-place cache was written by the layer itself)
+                    self._pending_stores[cache] = self.io.submit(cache.store, kv, start, end)
             if k == n - 1:
                 self.devices.usage[Tier.COMPUTE].sub(weights.moved_bytes)
                 del weights
@@ -286,7 +302,17 @@ class LocalExecutor:
 
     def _submit_kv_load(self, job, inputs, caches) -> Future:
         j, k = job
-        return self.io.submit(self._load_kv, caches[job], inputs[k].start, inputs[k].positions.shape[1])
+        cache = caches[job]
+        # a cache that lives where the math runs is its own buffer: nothing to hand to a thread
+        pool = Inline() if cache.in_place else self.io
+        return pool.submit(self._load_kv, cache, inputs[k].start, inputs[k].positions.shape[1])
+
+    def _submit_weights(self, j: int) -> Future:
+        """Layer j's load, on an I/O thread unless every dense weight of it is used as it rests
+        (resident on the compute device in its final form): a hand-off would cost more than the
+        load (at batch 1 the per-layer hand-offs were a large share of a decode step)."""
+        pool = Inline() if self._ready_layers[j] else self.io
+        return pool.submit(self._load_weights, j)
 
     def drain(self) -> None:
         """Wait for every background store and the speculative weight prefetch."""
