@@ -35,15 +35,16 @@ def product(kernel, path, x, w):
 @pytest.mark.parametrize("path", sorted(compiled.PATH_NAMES))
 @pytest.mark.parametrize("shape,group", [((200, 256), 32), ((128, 512), 64), ((64, 384), 128), ((100, 512), 256)])
 def test_every_path_gives_the_dequantized_product(kernel, path, shape, group):
-    """Rows 1 to 70 (each path's tiles and remainders), N not a multiple of the block (padding
-    skipped), float32 and bf16 scales; the AVX2 path also reads 32-row blocks (an AVX2 CPU's)."""
+    """Rows 1 to 70 (each path's tiles and remainders: AMX's 16-row tiles too), N not a multiple
+    of the block (padding skipped), float32 and bf16 scales; the AVX2 path also reads 32-row blocks
+    (an AVX2 CPU's)."""
     if path not in kernel.paths:
         pytest.skip(f"this CPU has no {compiled.PATH_NAMES[path]} path")
     g = torch.Generator().manual_seed(group)
     weight = torch.randn(*shape, generator=g) * 0.02
     blocks = (64, 32) if path == compiled.AVX2_F32 else (64,)
-    bf16 = path in (compiled.AVX512_BF16, compiled.AVX512_BF16_FOLD)
-    rows_tried = (1, 2) if path == compiled.AVX512_BF16_FOLD else (1, 3, 5, 8, 13, 70)
+    bf16 = compiled.input_dtype(path) == torch.bfloat16
+    rows_tried = {compiled.AVX512_BF16_FOLD: (1, 2), compiled.AMX_BF16: (1, 3, 16, 17, 70)}.get(path, (1, 3, 5, 8, 13, 70))
     for block in blocks:
         for scales in (torch.bfloat16,) if bf16 else (torch.float32, torch.bfloat16):
             w = with_scales_in(quantize_int4(weight, group, block=block), scales)
@@ -65,6 +66,32 @@ def test_bad_arguments_are_refused_not_read(kernel):
         pytest.skip("no AVX-512 path here")
     with pytest.raises(ValueError, match="refused"):
         compiled.int4_mm(kernel, torch.randn(1, 128), with_scales_in(w, torch.float32), compiled.AVX512_F32)
+
+
+def test_amx_takes_more_than_two_rows_of_inputs_32_at_a_time(kernel):
+    """Where the CPU has AMX, bf16 products of three rows or more take it, unless K is not a
+    multiple of 32 (the tile width), which the C side refuses too; one or two rows keep the
+    decode-light path."""
+    if compiled.AMX_BF16 not in kernel.paths:
+        pytest.skip("no AMX here")
+    assert kernel.path_for(torch.bfloat16, 3, 64, 2048) == compiled.AMX_BF16
+    assert kernel.path_for(torch.bfloat16, 2, 64, 2048) == compiled.AVX512_BF16_FOLD
+    assert kernel.path_for(torch.bfloat16, 8, 64, 2064) == compiled.AVX512_BF16
+    assert kernel.path_for(torch.float32, 8, 64, 2048) == compiled.AVX512_F32
+    w = with_scales_in(quantize_int4(torch.randn(64, 144), 48, block=64), torch.bfloat16)
+    with pytest.raises(ValueError, match="refused"):
+        compiled.int4_mm(kernel, torch.randn(4, 144).bfloat16(), w, compiled.AMX_BF16)
+
+
+def test_avx512bf16_forcing_keeps_every_path_but_amx(kernel, monkeypatch):
+    clear = _force_cpu_kernel(monkeypatch, "avx512bf16")
+    try:
+        forced = compiled.kernel()
+        assert compiled.AMX_BF16 not in forced.paths
+        if compiled.AVX512_BF16 in kernel.paths:
+            assert forced.path_for(torch.bfloat16, 8, 64, 2048) == compiled.AVX512_BF16
+    finally:
+        clear()
 
 
 def test_avx2_forcing_keeps_only_the_avx2_path(kernel, monkeypatch):

@@ -13,6 +13,7 @@ from flexgen_dist.kernels.int4 import (
     padded_rows,
     quantize_int4,
     weight_parts,
+    with_scales_in,
 )
 from flexgen_dist.models.base import WeightSpec
 from flexgen_dist.storage.store import TensorStore
@@ -168,7 +169,9 @@ def test_many_rows_dequantize_into_one_reused_buffer():
     weight after a larger one still multiplies by exactly its own values (what a fresh tensor gives)."""
     kernels.release_dense_buffers()  # what earlier tests on this thread left
     g = torch.Generator().manual_seed(6)
-    large, small = (quantize_int4(torch.randn(n, k, generator=g), 32) for n, k in ((192, 256), (70, 64)))
+    # float32 scales: fed float32, no AMX path (which multiplies any number of rows from the codes)
+    large, small = (with_scales_in(quantize_int4(torch.randn(n, k, generator=g), 32), torch.float32)
+                    for n, k in ((192, 256), (70, 64)))
     rows = max(kernels.COMPILED_MAX_ROWS, kernels.INT4_MAX_ROWS) + 8  # dequantized by either kernel
     x_large, x_small = torch.randn(rows, 256, generator=g), torch.randn(rows, 64, generator=g)
     y_large = kernels.linear(x_large, large)

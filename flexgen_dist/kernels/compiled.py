@@ -11,7 +11,8 @@ Built once per source and compiler into `cache_dir()` (announced on stderr), by 
 rename so that ranks starting together share one build; linked against OpenMP, whose runtime
 PyTorch has already loaded (one thread pool, not two). Where there is no compiler, no x86-64
 vector unit, or FLEXGEN_CKERNEL=0, `kernel()` is None and PyTorch's kernel stays in use;
-FLEXGEN_CKERNEL=avx2 (or avx512) limits the paths to those a CPU of that kind has, to test them.
+FLEXGEN_CKERNEL=avx2 (or avx512, avx512bf16) limits the paths to those a CPU of that kind has, to
+test them (avx512bf16: all but AMX).
 """
 from __future__ import annotations
 
@@ -44,17 +45,21 @@ CACHE_ENV = "FLEXGEN_KERNEL_CACHE"  # where built kernels are kept (default: the
 CFLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
 
-AVX2_F32, AVX512_F32, AVX512_BF16, AVX512_BF16_FOLD = 0, 1, 2, 3  # the C source's paths
+AVX2_F32, AVX512_F32, AVX512_BF16, AVX512_BF16_FOLD, AMX_BF16 = 0, 1, 2, 3, 4  # the C source's paths
 
 
 PATH_NAMES = {AVX2_F32: "AVX2 float32", AVX512_F32: "AVX-512 float32", AVX512_BF16: "AVX-512 BF16",
-              AVX512_BF16_FOLD: "AVX-512 BF16 (one or two rows)"}
+              AVX512_BF16_FOLD: "AVX-512 BF16 (one or two rows)", AMX_BF16: "AMX BF16"}
 
 
 FOLD_MAX_ROWS = 2  # up to this many rows the BF16 products take the decode-light path
 
 
-_LIMITS = {"avx2": {AVX2_F32}, "avx512": {AVX2_F32, AVX512_F32}}
+_LIMITS = {"avx2": {AVX2_F32}, "avx512": {AVX2_F32, AVX512_F32},
+           "avx512bf16": {AVX2_F32, AVX512_F32, AVX512_BF16, AVX512_BF16_FOLD}}
+
+
+AMX_INPUTS = 32  # the AMX path reads inputs 32 at a time: K must be a multiple
 
 
 @dataclass(frozen=True)
@@ -64,14 +69,17 @@ class Kernel:
     lib: ctypes.CDLL
     paths: frozenset[int]
 
-    def path_for(self, dtype: torch.dtype, rows: int, block: int) -> int | None:
-        """The path for `rows` activations of `dtype` and a weight in `block`-row blocks: bf16 dot
-        products where the CPU has them (bf16 activations), else float32 FMAs (bf16 activations
-        widened first); None where no path reads this layout or dtype."""
+    def path_for(self, dtype: torch.dtype, rows: int, block: int, inputs: int = AMX_INPUTS) -> int | None:
+        """The path for `rows` activations of `dtype` (`inputs` wide) and a weight in `block`-row
+        blocks: AMX tile products where the CPU has them and more than two rows come (bf16
+        activations), else bf16 dot products where the CPU has them, else float32 FMAs (bf16
+        activations widened first); None where no path reads this layout or dtype."""
         if dtype not in (torch.float32, torch.bfloat16):
             return None
         if block == 64 and dtype == torch.bfloat16 and AVX512_BF16 in self.paths:
-            return AVX512_BF16_FOLD if rows <= FOLD_MAX_ROWS else AVX512_BF16
+            if rows <= FOLD_MAX_ROWS:
+                return AVX512_BF16_FOLD
+            return AMX_BF16 if AMX_BF16 in self.paths and inputs % AMX_INPUTS == 0 else AVX512_BF16
         if block == 64 and AVX512_F32 in self.paths:
             return AVX512_F32
         return AVX2_F32 if AVX2_F32 in self.paths and block in (32, 64) else None
@@ -164,7 +172,7 @@ def kernel() -> Kernel | None:
 
 
 def input_dtype(path: int) -> torch.dtype:
-    return torch.bfloat16 if path in (AVX512_BF16, AVX512_BF16_FOLD) else torch.float32
+    return torch.bfloat16 if path in (AVX512_BF16, AVX512_BF16_FOLD, AMX_BF16) else torch.float32
 
 
 def int4_mm(k: Kernel, x: torch.Tensor, w: Int4Weight, path: int) -> torch.Tensor:

@@ -247,7 +247,7 @@ def _int4_op(device_type: str, which: int):
 def compiled_path(w: Int4Weight, rows: int) -> tuple[compiled.Kernel, int] | None:
     """(kernel, path) where the compiled CPU kernel takes this product, else None."""
     kernel = compiled.kernel() if w.form == "cpu" else None
-    path = kernel.path_for(w.scales_zeros.dtype, rows, w.block_n) if kernel is not None else None
+    path = kernel.path_for(w.scales_zeros.dtype, rows, w.block_n, w.shape[1]) if kernel is not None else None
     return None if path is None else (kernel, path)
 
 

@@ -18,7 +18,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from . import int4, probe
+from . import compiled, int4, probe
 from .int4 import Int4Weight, dequantize_int4, take_rows, with_scales_in
 
 # above this many rows a CPU product dequantizes and multiplies dense: measured on AMX and AVX-512
@@ -78,8 +78,13 @@ def release_dense_buffers() -> None:
 
 
 def max_kernel_rows(w: Int4Weight, rows: int) -> int:
-    """Rows up to which a CPU product of `rows` rows multiplies from the codes."""
-    return COMPILED_MAX_ROWS if int4.compiled_path(w, rows) is not None else INT4_MAX_ROWS
+    """Rows up to which a CPU product of `rows` rows multiplies from the codes: any number on the
+    AMX path (its tile products keep pace with oneDNN's dense ones, and the weight is decoded once
+    per block, cheaper than dequantizing it whole)."""
+    chosen = int4.compiled_path(w, rows)
+    if chosen is None:
+        return INT4_MAX_ROWS
+    return rows if chosen[1] == compiled.AMX_BF16 else COMPILED_MAX_ROWS
 
 
 def int4_linear(x: torch.Tensor, w: Int4Weight, b: torch.Tensor | None = None) -> torch.Tensor:

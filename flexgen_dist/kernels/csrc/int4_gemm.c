@@ -10,6 +10,10 @@
  *   FG_AVX512_F32 64-row blocks, float32 activations, 16-wide FMA;
  *   FG_AVX512_BF16 64-row blocks, bf16 activations: a chunk of the block is decoded once into
  *                 bf16 pairs in L1 and every row of x is multiplied with it by vdpbf16ps.
+ *   FG_AVX512_BF16_FOLD  the same for one or two rows of x, decoding without the scales.
+ *   FG_AMX_BF16   64-row blocks, bf16 activations, k a multiple of 32: the whole block is decoded
+ *                 once into bf16 pairs (k * 128 bytes, in L2) and multiplied with 16 rows of x at
+ *                 a time by AMX tile products (Linux grants the tile state to the process first).
  * The F32 paths decode the block's codes afresh for every MR rows of x: with few rows (a decode
  * step) the codes are read once anyway and the decode is cheaper than a store and reload.
  * Output is float32 (m, n) with row stride n; rows of the weight past n (padding) are skipped.
@@ -19,12 +23,18 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
-enum { FG_AVX2_F32 = 0, FG_AVX512_F32 = 1, FG_AVX512_BF16 = 2, FG_AVX512_BF16_FOLD = 3 };
+enum { FG_AVX2_F32 = 0, FG_AVX512_F32 = 1, FG_AVX512_BF16 = 2, FG_AVX512_BF16_FOLD = 3, FG_AMX_BF16 = 4 };
 enum { FG_OK = 0, FG_BAD_ARGS = 1, FG_NO_MEMORY = 2 };
 
 #define MR 4        /* rows of x per pass of the F32 paths */
 #define MR_BF16 6   /* rows of x per pass of the bf16 microkernel (24 accumulators) */
+/* Codes are read 64 bytes per pair of inputs; the decode is slow enough that the hardware
+ * prefetcher alone leaves the loads waiting on memory (measured: a weight streamed from memory
+ * took 2.3x one in cache on a Xeon with AMX), so each pass asks for the codes 2 KiB ahead. */
+#define PREFETCH_K 64
 #define KC 128      /* input values per decoded chunk of the bf16 path: 64 rows x 128 bf16 = 16 KiB */
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -188,6 +198,7 @@ decode_chunk_bf16(const uint8_t *d, const float *S, const float *Z, int64_t grou
                                            23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (int64_t p = 0; p < kn / 2; p++) {
         int64_t kk = kc + 2 * p, g = kk / group;
+        _mm_prefetch((const char *)(d + (kk + PREFETCH_K) * 32), _MM_HINT_T0);
         __m256i v0 = _mm256_loadu_si256((const __m256i *)(d + kk * 32));
         __m256i v1 = _mm256_loadu_si256((const __m256i *)(d + (kk + 1) * 32));
         __m256i lo0 = _mm256_and_si256(v0, low4), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low4);
@@ -251,6 +262,74 @@ block_avx512_bf16(const uint16_t *x, int64_t m, int64_t k, const uint8_t *d, con
     store_rows(tile, (int)m, 64, y, n, r0);
 }
 
+/* ---- AMX BF16, bf16 activations ------------------------------------------------------------- */
+/* Tiles 0-3: y for 16 rows of x against the block's rows 16 i .. 16 i + 15 (float32); tile 4: 16
+ * rows of x by 32 inputs; tiles 5-7: 16 pairs of inputs of 16 weight rows, as decode_chunk_bf16
+ * lays them out (a pair of inputs of the block's 64 rows is 256 bytes). */
+struct tile_config {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+__attribute__((target("amx-tile,amx-bf16"))) static void configure_tiles(int mr) {
+    struct tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.rows[t] = t < 5 ? (uint8_t)mr : 16;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,amx-tile,amx-bf16"))) static void
+block_amx_bf16(const uint16_t *x, int64_t m, int64_t k, const uint8_t *d, const float *S, const float *Z,
+               int64_t group, __m512i *buf, float *tile, float *y, int64_t n, int64_t r0) {
+    for (int64_t kc = 0; kc < k; kc += KC)
+        decode_chunk_bf16(d, S, Z, group, kc, k - kc < KC ? k - kc : KC, buf + kc / 2 * 4);
+    int configured = 0;
+    for (int64_t m0 = 0; m0 < m; m0 += 16) {
+        int mr = m - m0 < 16 ? (int)(m - m0) : 16;
+        if (mr != configured) configure_tiles(configured = mr);
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        const uint16_t *xm = x + m0 * k;
+        for (int64_t s = 0; s < k / 32; s++) {
+            const char *b = (const char *)(buf + s * 16 * 4);
+            _tile_loadd(4, xm + 32 * s, k * 2);
+            _tile_loadd(5, b, 256);
+            _tile_loadd(6, b + 64, 256);
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(7, b + 128, 256);
+            _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(5, b + 192, 256);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 4, 5);
+        }
+        _tile_stored(0, tile, 256);
+        _tile_stored(1, tile + 16, 256);
+        _tile_stored(2, tile + 32, 256);
+        _tile_stored(3, tile + 48, 256);
+        store_rows(tile, mr, 64, y + m0 * n, n, r0);
+    }
+    _tile_release();
+}
+
+/* Whether Linux lets this process use the AMX tile data (asked once; granted for all threads). */
+static int amx_permitted(void) {
+#ifdef SYS_arch_prctl
+    enum { ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 };
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+    return 0;
+#endif
+}
+
 /* ---- AVX-512 BF16, bf16 activations, one or two rows ------------------------------------------ */
 /* With one or two rows of x the decode is most of the work, so it is cut to the bone: a code c
  * widened to 16 bits and or-ed with 0x4300 is the bf16 value 128 + c, exactly; per group the
@@ -273,6 +352,7 @@ tile_bf16_fold(const uint16_t *x, int64_t k, int mr, const uint8_t *d, const flo
         for (int m = 0; m < 2; m++)
             for (int i = 0; i < 4; i++) part[m][i] = _mm512_setzero_ps();
         for (int64_t kk = g * group; kk < (g + 1) * group; kk += 2) {
+            _mm_prefetch((const char *)(d + (kk + PREFETCH_K) * 32), _MM_HINT_T0);
             __m256i v0 = _mm256_loadu_si256((const __m256i *)(d + kk * 32));
             __m256i v1 = _mm256_loadu_si256((const __m256i *)(d + (kk + 1) * 32));
             __m256i lo0 = _mm256_and_si256(v0, low4), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low4);
@@ -347,8 +427,8 @@ static int run_block(int path, const void *x, int64_t m, int64_t k, const uint8_
     int64_t groups = k / group, r0 = b * block;
     size_t sz_floats = (size_t)(2 * groups * block);
     size_t tile_floats = (size_t)(path == FG_AVX512_BF16 ? m * 64 : path == FG_AVX512_BF16_FOLD
-                                  ? 2 * 64 + 2 * groups * 64 : MR * 64);
-    size_t buf_floats = path == FG_AVX512_BF16 ? KC / 2 * 4 * 16 : 0;
+                                  ? 2 * 64 + 2 * groups * 64 : path == FG_AMX_BF16 ? 16 * 64 : MR * 64);
+    size_t buf_floats = path == FG_AVX512_BF16 ? KC / 2 * 4 * 16 : path == FG_AMX_BF16 ? (size_t)k * 32 : 0;
     float *mem = thread_scratch(buf_floats + sz_floats + tile_floats);
     if (!mem) return FG_NO_MEMORY;
     float *S = mem + buf_floats, *Z = S + groups * block, *tile = Z + groups * block;
@@ -356,6 +436,8 @@ static int run_block(int path, const void *x, int64_t m, int64_t k, const uint8_
     block_scales(sz, sz_bf16, rows, groups, r0, block, S, Z);
     if (path == FG_AVX512_BF16_FOLD)
         block_bf16_fold(x, m, k, d, S, Z, xsum, group, tile, y, n, r0);
+    else if (path == FG_AMX_BF16)
+        block_amx_bf16(x, m, k, d, S, Z, group, (__m512i *)mem, tile, y, n, r0);
     else if (path == FG_AVX512_BF16)
         block_avx512_bf16(x, m, k, d, S, Z, group, (__m512i *)mem, tile, y, n, r0);
     else if (path == FG_AVX512_F32)
@@ -372,13 +454,15 @@ int fg_cpu_paths(void) {
     int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
                  && __builtin_cpu_supports("avx512vl");
     int bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
-    return avx2 << FG_AVX2_F32 | avx512 << FG_AVX512_F32 | bf16 << FG_AVX512_BF16 | bf16 << FG_AVX512_BF16_FOLD;
+    int amx = bf16 && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") && amx_permitted();
+    return avx2 << FG_AVX2_F32 | avx512 << FG_AVX512_F32 | bf16 << FG_AVX512_BF16 | bf16 << FG_AVX512_BF16_FOLD
+           | amx << FG_AMX_BF16;
 }
 
 int fg_int4_mm(int path, const void *x, int64_t m, int64_t k, const uint8_t *data, const void *sz,
                int sz_bf16, int64_t rows, int64_t n, int64_t group, int block, float *y, int threads) {
     if ((block != 64 && !(path == FG_AVX2_F32 && block == 32)) || rows % block || n > rows || group <= 0 || group % 2 || k % group
-        || m <= 0 || threads <= 0)
+        || m <= 0 || threads <= 0 || (path == FG_AMX_BF16 && k % 32))
         return FG_BAD_ARGS;
     int64_t blocks = rows / block;
     int status = FG_OK;
