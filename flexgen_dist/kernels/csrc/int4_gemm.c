@@ -57,9 +57,34 @@ static float *thread_scratch(size_t floats) {
     return scratch;
 }
 
+/* block_scales for bf16 scales and 64-row blocks, 16 rows at a time: a (scale, zero) pair of bf16
+ * is one dword, the scale's float32 its low half shifted up, the zero's its high half. (Done one
+ * value at a time, this cost about as much as decoding the block's codes at one row of x.) The
+ * results are those of the scalar loop bit for bit: 8 * scale is exact, so z - 8 * scale rounds once
+ * either way. */
+__attribute__((target("avx512f,avx512bw,fma"))) static void
+block_scales_bf16_64(const uint16_t *sz, int64_t rows, int64_t groups, int64_t r0, float *S, float *Z) {
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    const __m512 eight = _mm512_set1_ps(8.0f);
+    for (int64_t g = 0; g < groups; g++) {
+        const uint32_t *pairs = (const uint32_t *)(sz + (g * rows + r0) * 2);
+        for (int i = 0; i < 4; i++) {
+            __m512i v = _mm512_loadu_si512(pairs + 16 * i);
+            __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            __m512 z = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+            _mm512_storeu_ps(S + g * 64 + 16 * i, s);
+            _mm512_storeu_ps(Z + g * 64 + 16 * i, _mm512_fnmadd_ps(eight, s, z));
+        }
+    }
+}
+
 /* Scale and zero - 8 * scale of rows r0 .. r0 + block - 1 for every group: S[g * block + i]. */
 static void block_scales(const void *sz, int sz_bf16, int64_t rows, int64_t groups, int64_t r0,
-                         int block, float *S, float *Z) {
+                         int block, int avx512, float *S, float *Z) {
+    if (avx512 && sz_bf16 && block == 64) {
+        block_scales_bf16_64((const uint16_t *)sz, rows, groups, r0, S, Z);
+        return;
+    }
     for (int64_t g = 0; g < groups; g++) {
         for (int i = 0; i < block; i++) {
             int64_t at = (g * rows + r0 + i) * 2;
@@ -384,15 +409,27 @@ tile_bf16_fold(const uint16_t *x, int64_t k, int mr, const uint8_t *d, const flo
         }
 }
 
-/* S and Z (zero - 8 * scale) of a block -> the fold's order, Z becoming zero - 136 * scale. */
-static void fold_scales(const float *S, const float *Z, int64_t groups, float *SF, float *ZF) {
-    for (int64_t g = 0; g < groups; g++)
-        for (int i = 0; i < 4; i++)
-            for (int j = 0; j < 16; j++) {
-                int64_t from = g * 64 + fold_row(i, j), to = g * 64 + 16 * i + j;
-                SF[to] = S[from];
-                ZF[to] = Z[from] - 128.0f * S[from];
-            }
+/* S and Z (zero - 8 * scale) of a block -> the fold's order, Z becoming zero - 136 * scale: vector
+ * i of the fold holds rows 8 * (i % 2) + 32 * (i / 2) + 0..7 and the 8 rows 16 after them, two
+ * 128-bit lanes of each of two of the block's row vectors (see fold_row). */
+__attribute__((target("avx512f,fma"))) static void
+fold_scales(const float *S, const float *Z, int64_t groups, float *SF, float *ZF) {
+    const __m512 c128 = _mm512_set1_ps(128.0f);
+    for (int64_t g = 0; g < groups; g++) {
+        __m512 s[4], z[4];
+        for (int q = 0; q < 4; q++) {
+            s[q] = _mm512_loadu_ps(S + g * 64 + 16 * q);
+            z[q] = _mm512_loadu_ps(Z + g * 64 + 16 * q);
+        }
+        __m512 sf[4] = {_mm512_shuffle_f32x4(s[0], s[1], 0x44), _mm512_shuffle_f32x4(s[0], s[1], 0xEE),
+                        _mm512_shuffle_f32x4(s[2], s[3], 0x44), _mm512_shuffle_f32x4(s[2], s[3], 0xEE)};
+        __m512 zf[4] = {_mm512_shuffle_f32x4(z[0], z[1], 0x44), _mm512_shuffle_f32x4(z[0], z[1], 0xEE),
+                        _mm512_shuffle_f32x4(z[2], z[3], 0x44), _mm512_shuffle_f32x4(z[2], z[3], 0xEE)};
+        for (int i = 0; i < 4; i++) {
+            _mm512_storeu_ps(SF + g * 64 + 16 * i, sf[i]);
+            _mm512_storeu_ps(ZF + g * 64 + 16 * i, _mm512_fnmadd_ps(c128, sf[i], zf[i]));
+        }
+    }
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma"))) static void
@@ -433,7 +470,7 @@ static int run_block(int path, const void *x, int64_t m, int64_t k, const uint8_
     if (!mem) return FG_NO_MEMORY;
     float *S = mem + buf_floats, *Z = S + groups * block, *tile = Z + groups * block;
     const uint8_t *d = data + r0 * (k / 2);
-    block_scales(sz, sz_bf16, rows, groups, r0, block, S, Z);
+    block_scales(sz, sz_bf16, rows, groups, r0, block, path != FG_AVX2_F32, S, Z);
     if (path == FG_AVX512_BF16_FOLD)
         block_bf16_fold(x, m, k, d, S, Z, xsum, group, tile, y, n, r0);
     else if (path == FG_AMX_BF16)
