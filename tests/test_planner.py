@@ -257,6 +257,38 @@ def test_a_cpu_whose_packed_layout_is_slower_keeps_weights_plain_in_host_memory(
     assert plan(m, [fast_packing], WORK, 64, options()).stages[0].policy.w_cpu_percent == 0
 
 
+def with_int4_layers(r: Rank, spec, int4_over_plain: float) -> Rank:
+    """`r` with its block layers also measured with 4-bit weights multiplied from their codes."""
+    rates = dict(r.machine.profile.rates)
+    for key, seconds in list(rates.items()):
+        if key.startswith("layer ") and not key.endswith(" packed"):
+            rates[key + " int4"] = seconds * int4_over_plain
+    return Rank(dataclasses.replace(r.machine, profile=HardwareProfile({}, rates)), r.budgets)
+
+
+def test_a_measured_int4_kernel_prices_4bit_weights_by_its_own_speed(tmp_path):
+    """Where the profile measured the model's layers with 4-bit weights multiplied from their codes
+    (an int4 kernel), compressed weights cost that measured time and no dequantization: a kernel
+    faster than the 16-bit layers makes the plan compress with memory to spare, a slower one does
+    not (before, 4-bit weights were priced as dequantized on every use and never chosen here)."""
+    m = model()
+    measured = with_layers(rank(tmp_path, m.spec, 16.0), m.spec, packed_over_plain=1.0)
+    allow = options(compression=((False, False), (True, False)))
+    assert not plan(m, [measured], WORK, 64, allow).stages[0].policy.compress_weight  # no int4 measurement
+    fast = with_int4_layers(measured, m.spec, int4_over_plain=0.4)
+    chosen = plan(m, [fast], WORK, 64, allow)
+    assert chosen.stages[0].policy.compress_weight
+    assert not plan(m, [with_int4_layers(measured, m.spec, int4_over_plain=3.0)], WORK, 64, allow).stages[0].policy.compress_weight
+    layer = m.layers(0, 1, False, False)[1]
+    policy = Policy(gpu_batch_size=8, compress_weight=True)
+    step = Step(rows=8, new=1, context=10)
+    cost = layer_cost(layer, step, policy, Placement((1, 0, 0)), BF16, fast.machine, m.spec.num_heads,
+                      m.spec.hidden_size)
+    plain = layer_cost(layer, step, dataclasses.replace(policy, compress_weight=False), Placement((1, 0, 0)), BF16,
+                       fast.machine, m.spec.num_heads, m.spec.hidden_size)
+    assert cost["compute"] == pytest.approx(plain["compute"] * 0.4, rel=0.05)
+
+
 def test_moe_disk_reads_count_the_experts_a_block_touches(tmp_path):
     """A MoE layer on disk reads its dense weights and the experts its block's tokens are expected
     to touch, E(1 - (1 - k/E)^tokens): k experts for one token, nearly all for a large block."""

@@ -86,8 +86,9 @@ def main(argv=None) -> int:
         dtypes = dtype_candidates(args.dtype, device, spec.hidden_size)
         threads = torch.get_num_threads()
         torch.set_num_threads(max(threads // args.ranks, 1))  # each rank's share of the cores
-        ranks = [this_rank(spec, config, offload_dir, dtypes, r, announce=r == 0) for r in range(args.ranks)]
         options = options_for(config, Policy(), dtypes)
+        ranks = [this_rank(spec, config, offload_dir, dtypes, r, announce=r == 0, options=options)
+                 for r in range(args.ranks)]
         model = Model(spec, family_of(spec))
         best = plan(model, ranks, workload, num_prompts or 4096, options)
         if num_prompts is None:

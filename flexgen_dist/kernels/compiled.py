@@ -104,6 +104,11 @@ def _compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc")
 
 
+def source_digest() -> str:
+    """A short hash of the kernel's source: what a measurement of its speed depends on."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+
+
 def _build_key(cc: str) -> str:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30,
                              check=False).stdout

@@ -144,7 +144,7 @@ def layer_cost(layer: Layer, step: Step, policy: Policy, place: Placement, dtype
                machine: Machine, heads: int, hidden: int) -> dict[str, float]:
     """Seconds per resource for this layer in one token step of a whole block-step (every batch)."""
     per_batch = dict.fromkeys(RESOURCES, 0.0)
-    _add(per_batch, _compute(layer, step, place, dtype, machine, heads))
+    _add(per_batch, _compute(layer, step, place, dtype, machine, heads, policy.compress_weight))
     if layer.has_cache:
         _add(per_batch, _cache_traffic(layer, step, policy, place, dtype, machine))
     _add(per_batch, _activation_traffic(step, policy, dtype, machine, hidden))
@@ -179,20 +179,33 @@ def _weight_load(layer: Layer, policy: Policy, place: Placement, dtype: torch.dt
         cost["link"] = (host + disk) * stored / rates.rate("copy to compute")
     if policy.compress_weight:
         config = policy.weight_compression()
+        from_codes = multiplies_from_codes(layer, dtype, machine)  # those are never dequantized
         dense = sum(torch.Size(w.shape).numel() * elem(dtype) * u for w, u in zip(layer.weights, shares)
-                    if compresses(config, w.compressible))
+                    if compresses(config, w.compressible) and not (from_codes and w.linear))
         cost["compute"] = dense / rates.rate(f"decompress {name}")
     return cost
 
 
-def _compute(layer: Layer, step: Step, place: Placement, dtype: torch.dtype, machine: Machine, heads: int) -> dict:
+def multiplies_from_codes(layer: Layer, dtype: torch.dtype, machine: Machine) -> bool:
+    """Whether this block layer's 4-bit matmul weights are multiplied from their codes by an int4
+    kernel, as measured (`measure.measure_layers` times the layer so where the engine would)."""
+    if layer.parts:
+        return all(multiplies_from_codes(p, dtype, machine) for p in layer.parts)
+    if layer.part != BLOCK:
+        return False
+    return bool(machine.profile.layer_points(layer_key(dtype, machine.spec, layer_kind(layer), "decode", 0, "int4")))
+
+
+def _compute(layer: Layer, step: Step, place: Placement, dtype: torch.dtype, machine: Machine, heads: int,
+             compressed: bool = False) -> dict:
     """The layer's own compute: block layers from the measured layers of this model (resident
-    weights take the packed path where there is one), the embedding and the head from the fixed
-    cost and the matmul rates."""
+    weights take the packed path where there is one; `compressed` 4-bit weights the int4 kernel
+    where it was measured), the embedding and the head from the fixed cost and the matmul rates."""
     rates = machine.profile
     resident = place.weights[0] if machine.cpu else 1.0  # on a GPU every weight is used from GPU memory
     if layer.parts:  # a merged block (--sep-layer 0): its parts one after the other
-        return {"compute": sum(_compute(p, step, place, dtype, machine, heads)["compute"] for p in layer.parts)}
+        return {"compute": sum(_compute(p, step, place, dtype, machine, heads, compressed)["compute"]
+                               for p in layer.parts)}
     job = rates.rates.get(f"executor job {dtype_name(dtype)} {machine.spec.family}", 0.0)
     if layer.part != BLOCK:  # the head (last positions only) multiplies with the plain weight: it is
         seconds = job + rates.rate(overhead_key(dtype, machine.spec))  # often the embedding's, tied
@@ -202,21 +215,24 @@ def _compute(layer: Layer, step: Step, place: Placement, dtype: torch.dtype, mac
         if layer.part == HEAD:  # the next tokens chosen from its logits, every step
             seconds += step.rows * machine.spec.vocab_size / rates.rate(choice_key(machine.spec.vocab_size), 1e12)
         return {"compute": seconds}
-    measured = [_measured_layer(layer, step, dtype, machine, packed) for packed in (True, False)]
-    return {"compute": job + resident * measured[0] + (1 - resident) * measured[1]
-            + _attention_beyond(layer, step, dtype, machine, heads)}
+    if compressed and multiplies_from_codes(layer, dtype, machine):  # 4-bit on every tier alike
+        seconds = _measured_layer(layer, step, dtype, machine, "int4")
+    else:
+        seconds = (resident * _measured_layer(layer, step, dtype, machine, "packed")
+                   + (1 - resident) * _measured_layer(layer, step, dtype, machine, "plain"))
+    return {"compute": job + seconds + _attention_beyond(layer, step, dtype, machine, heads)}
 
 
-def _measured_layer(layer: Layer, step: Step, dtype: torch.dtype, machine: Machine, packed: bool) -> float:
+def _measured_layer(layer: Layer, step: Step, dtype: torch.dtype, machine: Machine, layout: str) -> float:
     """Seconds of this block layer at the step's rows (decode) or tokens (prefill), interpolated
     linearly between measured points and extrapolated in proportion beyond them. A profile without
     layer measurements (written by hand) prices the matmuls and the fixed cost instead."""
     phase, size = ("decode", step.rows) if step.new == 1 else ("prefill", step.rows * step.new)
-    points = machine.profile.layer_points(layer_key(dtype, machine.spec, layer_kind(layer), phase, 0, packed))
-    if not points and packed:  # nothing packs in this dtype here: resident weights are plain too
-        points = machine.profile.layer_points(layer_key(dtype, machine.spec, layer_kind(layer), phase, 0, False))
+    points = machine.profile.layer_points(layer_key(dtype, machine.spec, layer_kind(layer), phase, 0, layout))
+    if not points and layout == "packed":  # nothing packs in this dtype here: resident weights are plain too
+        points = machine.profile.layer_points(layer_key(dtype, machine.spec, layer_kind(layer), phase, 0, "plain"))
     if not points:
-        return _priced_layer(layer, step, dtype, machine, packed)
+        return _priced_layer(layer, step, dtype, machine, layout == "packed")
     if size <= points[0][0]:
         return points[0][1] if phase == "decode" else points[0][1] * size / points[0][0]
     for (a, ta), (b, tb) in zip(points, points[1:]):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import shutil
 import tempfile
@@ -22,7 +23,9 @@ from ..core.policy import Policy
 from ..core.timing import typical_time
 from ..core.types import dtype_name
 from ..kernels.attention import attend
-from ..kernels.linear import can_pack, linear, pack_linear_weight
+from ..kernels.int4 import quantize_int4
+from ..kernels.linear import can_pack, int4_for_device, linear, pack_linear_weight
+from ..kernels.probe import int4_choice
 from ..kernels.quantize import dequantize, quantize
 from ..models.base import BLOCK
 from ..runtime.block import step_inputs
@@ -148,25 +151,28 @@ CAPACITY_SLACK = 32  # KV buffer positions beyond the measured context, as in a 
 STREAM_BYTES = 1 << 30  # weights a decode measurement streams through per cycle  # a prefill measurement stops growing past this size (its rate has saturated)
 
 
-def measure_layers(profile: HardwareProfile, device: torch.device, dtype: torch.dtype, spec, family) -> None:
+def measure_layers(profile: HardwareProfile, device: torch.device, dtype: torch.dtype, spec, family,
+                   int4: bool = False) -> None:
     """Seconds of one real block layer (attention, MLP) of this model: decode steps at a few row
     counts, prefill steps at a few token counts, with weights plain and (where the device packs
     resident weights) packed. Everything a layer does beyond its matmuls (norms, activations,
     reshapes, dispatch) is in these numbers, which is why they are measured on the model's own
-    layers rather than summed from matmul rates."""
-    layouts = [False, True] if can_pack(device, dtype) else [False]
+    layers rather than summed from matmul rates. With `int4` (a plan that may compress weights),
+    also with 4-bit weights multiplied from their codes, where the engine's int4 kernel would."""
+    layouts = ["plain"] + (["packed"] if can_pack(device, dtype) else [])
+    layouts += ["int4"] if int4 and int4_feed(device, dtype) else []
     for layer in family.build_layers(spec, 0, 1, with_embed=False, with_head=False, sep_layer=True):
         params = sum(torch.Size(w.shape).numel() for w in layer.weights)
-        for packed in layouts:
+        for layout in layouts:
             points = [("decode", rows, 1, DECODE_CONTEXT) for rows in DECODE_ROWS]
             points += [("prefill", rows, PREFILL_TOKENS, PREFILL_TOKENS) for rows in PREFILL_ROWS
                        if rows == 1 or 2 * params * rows * PREFILL_TOKENS <= MAX_LAYER_FLOP]
             for phase, rows, new, context in points:
-                key = layer_key(dtype, spec, layer_kind(layer), phase, rows * new, packed)
+                key = layer_key(dtype, spec, layer_kind(layer), phase, rows * new, layout)
                 kv = 2 * rows * layer.kv_heads * (context + CAPACITY_SLACK) * layer.head_dim if layer.has_cache else 0
                 flop_bound = max(1, int(MAX_LAYER_FLOP // (2 * params * rows * new)))  # prefill: a few big calls
                 copies = _copies((params + kv) * dtype.itemsize, device, most=min(64, flop_bound))
-                profile.ensure(key, lambda: _time_layer(layer, spec, dtype, device, packed, rows, new, context, copies))
+                profile.ensure(key, lambda: _time_layer(layer, spec, dtype, device, layout, rows, new, context, copies))
 
 
 def _copies(layer_bytes: int, device: torch.device, most: int = 64) -> int:
@@ -179,15 +185,38 @@ def _copies(layer_bytes: int, device: torch.device, most: int = 64) -> int:
     return max(1, min(room // max(layer_bytes, 1), most))
 
 
-def _time_layer(layer, spec, dtype, device, packed: bool, rows: int, new: int, context: int, copies: int) -> float:
+def int4_feed(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """The activations' dtype of the int4 kernel a `dtype` run with --compress-weight multiplies
+    with on `device` (the engine's own choice, `probe.int4_choice`), None where it dequantizes."""
+    choice = int4_choice(device.type, dtype, False)
+    return choice.activations if choice.use else None
+
+
+def _held_as(w, t: torch.Tensor, layout: str, rows: int, device: torch.device):
+    """A matmul weight as the executor holds it in `layout` (others as they are)."""
+    if not w.linear or layout == "plain":
+        return t
+    if layout == "packed":  # as the executor packs resident weights: for the batch's rows
+        return pack_linear_weight(t, rows)
+    return dataclasses.replace(q := _int4_of(w.shape, t.dtype, device), data=q.data.clone())  # copies stream
+
+
+@functools.lru_cache(maxsize=8)
+def _int4_of(shape: tuple, dtype: torch.dtype, device: torch.device):
+    """A constant weight of `shape` quantized as --compress-weight does, in the kernel's form."""
+    config = Policy(compress_weight=True).weight_compression()
+    w = torch.full(shape, 0.01, dtype=dtype, device=device)
+    return int4_for_device(quantize_int4(w, config.group_size), device, int4_feed(device, dtype))
+
+
+def _time_layer(layer, spec, dtype, device, layout: str, rows: int, new: int, context: int, copies: int) -> float:
     inputs = step_inputs(torch.ones(rows, context, dtype=torch.bool), new, dtype, device)
     x = torch.randn(rows, new, spec.hidden_size, device=device).to(dtype)
     # the engine's buffers hold the whole generation: attention reads a slice, not all of it
     caches = [(tuple(torch.zeros(rows, layer.kv_heads, context + CAPACITY_SLACK, layer.head_dim, dtype=dtype,
                                  device=device) for _ in range(2)),) if layer.has_cache else () for _ in range(copies)]
-    # packed as the executor packs resident weights: for the batch's rows
-    sets = [{w.key: pack_linear_weight(t, rows) if packed and w.linear else t
-             for w, t in ((w, _random_weight(w, dtype, device)) for w in layer.weights)} for _ in range(copies)]
+    sets = [{w.key: _held_as(w, _random_weight(w, dtype, device), layout, rows, device) for w in layer.weights}
+            for _ in range(copies)]
 
     def cycle():
         for weights, extra in zip(sets, caches):
@@ -268,13 +297,14 @@ def measure_executor_overhead(profile: HardwareProfile, device: torch.device, dt
     profile.ensure(f"executor job {dtype_name(dtype)} {spec.family}", measure)
 
 
-def profile_model(profile: HardwareProfile, device: torch.device, dtypes, spec, family, offload_dir: str) -> None:
+def profile_model(profile: HardwareProfile, device: torch.device, dtypes, spec, family, offload_dir: str,
+                  int4: bool = False) -> None:
     """Every measurement the cost model needs for this model, on this machine, in these dtypes
     (only those not in the profile yet, nor measured meanwhile by another process: one measures at
     a time, with all the machine's cores), then the profile saved with a line of its history."""
     with profile.locked(), _all_cores(device):
         before = profile.measured_s
-        _measure_model(profile, device, dtypes, spec, family, offload_dir)
+        _measure_model(profile, device, dtypes, spec, family, offload_dir, int4)
         if profile.measured_s > before:
             profile.history.append({"pid": os.getpid(), "threads": torch.get_num_threads(), "model": spec.family,
                                     "seconds": round(profile.measured_s - before, 2),
@@ -294,7 +324,8 @@ def _all_cores(device: torch.device):
         torch.set_num_threads(threads)
 
 
-def _measure_model(profile: HardwareProfile, device: torch.device, dtypes, spec, family, offload_dir: str) -> None:
+def _measure_model(profile: HardwareProfile, device: torch.device, dtypes, spec, family, offload_dir: str,
+                   int4: bool) -> None:
     layers = family.build_layers(spec, 0, 1, with_embed=True, with_head=True, sep_layer=True)
     # block layers are measured whole (measure_layers); the head's product (and a projection
     # around the embedding, as OPT-350m has) are priced from their rates
@@ -302,7 +333,7 @@ def _measure_model(profile: HardwareProfile, device: torch.device, dtypes, spec,
     for dtype in dtypes:
         measure_matmuls(profile, device, dtype, shapes)
         measure_attention(profile, device, dtype, spec.num_heads, spec.kv_heads, spec.head_dim)
-        measure_layers(profile, device, dtype, spec, family)
+        measure_layers(profile, device, dtype, spec, family, int4)
         measure_layer_overhead(profile, device, dtype, spec)
         measure_executor_overhead(profile, device, dtype, spec, family, offload_dir)
         measure_conversions(profile, device, dtype)

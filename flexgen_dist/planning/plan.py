@@ -32,8 +32,10 @@ from .profile import budgets, load_profile
 from .report import describe
 
 
-def this_rank(spec, config: PlannerConfig, offload_dir: str, dtypes, rank: int = 0, announce: bool = False) -> Rank:
-    """This process's machine, measured as far as the model needs, and its budgets. With
+def this_rank(spec, config: PlannerConfig, offload_dir: str, dtypes, rank: int = 0, announce: bool = False,
+              options: Options | None = None) -> Rank:
+    """This process's machine, measured as far as the model needs (its layers with 4-bit weights
+    too where `options` may compress them), and its budgets. With
     `announce`, a line before measuring anything and one when done, on stdout with the plan (stderr
     carries only warnings and errors): the first run of a model on a machine measures for one or
     two minutes on a small CPU, which would otherwise look like a hang."""
@@ -43,7 +45,8 @@ def this_rank(spec, config: PlannerConfig, offload_dir: str, dtypes, rank: int =
         profile.on_first_measurement = lambda: print(
             f"measuring this machine for the planner (kept in {os.path.dirname(profile.path)} for later runs)",
             flush=True)
-    profile_model(profile, device, dtypes, spec, family_of(spec), offload_dir)
+    int4 = options is not None and any(weights for weights, _ in options.compression)
+    profile_model(profile, device, dtypes, spec, family_of(spec), offload_dir, int4)
     if announce and profile.measured_s:
         print(f"measured in {profile.measured_s:.0f} s", flush=True)
     cpu_mem = config.rank_mem[rank] if config.rank_mem else config.cpu_mem
@@ -119,9 +122,9 @@ def auto_policy(model: str, prompt_len: int, gen_len: int, num_prompts: int | No
     spec = model_spec(model)
     config = PlannerConfig(gpu_mem=gpu_mem, cpu_mem=cpu_mem, disk_mem=disk_mem, auto_compress=auto_compress)
     dtypes = dtype_candidates(dtype, Devices.detect().compute, spec.hidden_size)
-    rank = this_rank(spec, config, prepare_offload_dir(offload_dir), dtypes)
     base = Policy(**fixed).validate()
     options = options_for(config, base, dtypes, fixed={k: v for k, v in fixed.items() if k in POLICY_CHOICES})
+    rank = this_rank(spec, config, prepare_offload_dir(offload_dir), dtypes, options=options)
     best = plan(Model(spec, family_of(spec)), [rank], Workload(prompt_len, gen_len), num_prompts or 4096, options)
     policy = best.stages[0].policy
     policy.planned_dtype = dtype_name(best.dtype)
@@ -167,7 +170,7 @@ def plan_run(ctx: DistContext, job: JobConfig, config: PlannerConfig, engine_con
     options = options_for(config, policy, dtypes, engine_config.stage_layers, engine_config.micro_batches, fixed,
                           chunks)
     me = this_rank(spec, config, prepare_offload_dir(engine_config.offload_dir), dtypes, ctx.rank,
-                   announce=ctx.first and not job.quiet)
+                   announce=ctx.first and not job.quiet, options=options)
     ranks = gather(ctx, me)
     decision = None
     if auto:

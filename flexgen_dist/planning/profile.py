@@ -1,6 +1,7 @@
 """What this machine can do, measured once and cached: the numbers the cost model runs on.
 
-A profile is a JSON file per machine identity (CPU model and flags, cores, RAM, torch version, GPU)
+A profile is a JSON file per machine identity (CPU model and flags, cores, RAM, torch version, GPU,
+the compiled int4 kernel's source)
 under `~/.cache/flexgen_dist/hardware/`; a changed identity or profile version is a different file,
 so it is measured afresh, as is any measurement not yet in the file (a new model's matmul shapes, a
 new disk; see `measure.py`). It is measured with all the machine's cores, by one process at a time
@@ -28,6 +29,7 @@ import psutil
 import torch
 
 from ..core.types import GiB, dtype_name
+from ..kernels import compiled
 from ..runtime.budget import MARGIN
 from ..system.limits import FREE_RAM, code_reserve, host_available
 from ..system.workdir import partial_file
@@ -58,7 +60,7 @@ def machine_identity(device: torch.device) -> dict:
         model = platform.processor()
     identity = {"cpu": model, "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:16],
                 "cores": machine_threads(), "ram": psutil.virtual_memory().total,
-                "torch": torch.__version__, "device": device.type}
+                "torch": torch.__version__, "device": device.type, "int4_kernel": compiled.source_digest()}
     if device.type == "cuda":
         identity["gpu"] = torch.cuda.get_device_name(device)
     return identity
@@ -126,15 +128,16 @@ class HardwareProfile:
 
     def layer_points(self, key: str) -> list[tuple[int, float]]:
         """(size, seconds) of every measurement of the layer `key` names at any size, by size."""
-        packed = key.endswith(" packed")
-        prefix = key.removesuffix(" packed").rsplit(" ", 1)[0] + " "
-        if (prefix, packed) not in self._points:
+        body, layout = _split_layout(key)
+        prefix = body.rsplit(" ", 1)[0] + " "
+        if (prefix, layout) not in self._points:
             found = []
             for k, v in self.rates.items():
-                if k.startswith(prefix) and k.endswith(" packed") == packed:
-                    found.append((int(k.removesuffix(" packed").rsplit(" ", 1)[1]), v))
-            self._points[(prefix, packed)] = sorted(found)
-        return [(size, seconds / self.share) for size, seconds in self._points[(prefix, packed)]]
+                other, other_layout = _split_layout(k)
+                if other.startswith(prefix) and other_layout == layout:
+                    found.append((int(other.rsplit(" ", 1)[1]), v))
+            self._points[(prefix, layout)] = sorted(found)
+        return [(size, seconds / self.share) for size, seconds in self._points[(prefix, layout)]]
 
     # ----- measuring ---------------------------------------------------------------------------
     def ensure(self, key: str, measure: Callable[[], float]) -> float:
@@ -218,9 +221,21 @@ def _read(path: str, identity: dict) -> tuple[dict, list] | None:
     return None
 
 
-def layer_key(dtype: torch.dtype, spec, kind: str, phase: str, tokens: int, packed: bool) -> str:
+LAYOUTS = ("plain", "packed", "int4")  # how a measured layer's matmul weights were held
+
+
+def layer_key(dtype: torch.dtype, spec, kind: str, phase: str, tokens: int, layout: str | bool) -> str:
+    """The key of a block layer's measured seconds; `layout` one of LAYOUTS (True: "packed", the
+    bf16 weights in oneDNN's layout; "int4": 4-bit weights multiplied from their codes)."""
+    layout = {True: "packed", False: "plain"}.get(layout, layout)
     dims = f"{spec.family} {spec.hidden_size}/{spec.ffn_dim}/{spec.num_heads}/{spec.kv_heads}"
-    return f"layer {dtype_name(dtype)} {dims} {kind} {phase} {tokens}" + (" packed" if packed else "")
+    return f"layer {dtype_name(dtype)} {dims} {kind} {phase} {tokens}" + ("" if layout == "plain" else f" {layout}")
+
+
+def _split_layout(key: str) -> tuple[str, str]:
+    """(the key without its layout suffix, the layout)."""
+    last = key.rsplit(" ", 1)[-1]
+    return (key.rsplit(" ", 1)[0], last) if last in LAYOUTS[1:] else (key, "plain")
 
 
 def layer_kind(layer) -> str:
