@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from flexgen_dist.kernels.int4 import dequantize_int4, quantize_int4
-from flexgen_dist.kernels import int4, probe
-from flexgen_dist.kernels.linear import int4_for_device, linear
+from flexgen_dist.kernels import compiled, int4, probe
+from flexgen_dist.kernels.linear import int4_for_device, linear, max_kernel_rows
 
 SHAPES = {"opt-1.3b": [(2048, 2048), (8192, 2048), (2048, 8192)],
           "opt-6.7b": [(4096, 4096), (16384, 4096), (4096, 16384)],
@@ -75,6 +75,16 @@ def measure(packed, dense, rows: int, device: torch.device) -> dict:
             "int4_GBps": n * k / 2 / int4_s / 1e9, "rel_error": error}
 
 
+def kernel_of(w, rows: int) -> str:
+    """Which kernel multiplies `rows` rows by `w` (the compiled one's path, or PyTorch's)."""
+    if w.form != "cpu":
+        return "PyTorch's int4 kernel (tinygemm)"
+    if rows > max_kernel_rows(w, rows):
+        return "dequantize + dense"
+    chosen = int4.compiled_path(w, rows)
+    return f"compiled: {compiled.PATH_NAMES[chosen[1]]}" if chosen else "PyTorch's int4 kernel"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -96,8 +106,9 @@ def main() -> None:
             packed, dense = weights(shape, device, dtype, choice.activations, args.stream_gib * 2**30)
             for rows in map(int, args.rows.split(",")):
                 row = {"device": name, "torch": torch.__version__, "model": model, "dtype": args.dtype,
-                       "int4_path": choice.reason, **measure(packed, dense, rows, device)}
-                print(f"{model} {shape[0]}x{shape[1]} rows {rows}: int4 {row['int4_ms']:.3f} ms, dense "
+                       "int4_path": choice.reason, "kernel": kernel_of(packed[0], rows),
+                       "date": time.strftime("%Y-%m-%d"), **measure(packed, dense, rows, device)}
+                print(f"{model} {shape[0]}x{shape[1]} rows {rows} ({row['kernel']}): int4 {row['int4_ms']:.3f} ms, dense "
                       f"{row['dense_ms']:.3f} ms ({row['speedup']:.2f}x), error {row['rel_error']:.1e}", flush=True)
                 if args.json:
                     with open(args.json, "a") as f:

@@ -247,11 +247,20 @@ class Bench:
                 "-t", str(a.threads), "-tb", str(a.threads), "--output-format", "jsonl"]
 
     def run_llamacpp(self, variant: str, rep: int) -> list[dict]:
+        """All batches of one variant in one llama-batched-bench process. One killed by a signal
+        (its AMX matmul crashed on a Xeon with AMX) runs again with --no-repack (no AMX or
+        repacked layouts, its plain vector dot products), and its rows say so."""
         cmd, load = self.llamacpp_command(variant, self.args.gen_len, self.args.batches), loadavg()
         rc, out = self.process(cmd, f"batched-bench-{variant}-r{rep}")
+        note = None
+        if isinstance(rc, int) and rc < 0 and not parse_batched_bench(out):
+            note = f"--no-repack: the default run was killed by signal {-rc}"
+            self.log(f"llama.cpp {variant} was killed by signal {-rc}; running it again with --no-repack")
+            cmd = cmd + ["--no-repack"]
+            rc, out = self.process(cmd, f"batched-bench-{variant}-norepack-r{rep}")
         found, rows = parse_batched_bench(out), []
         for b in self.args.batches:
-            row = self.row("memory", variant, b, rep, cmd, load)
+            row = {**self.row("memory", variant, b, rep, cmd, load), **({"llamacpp_note": note} if note else {})}
             if b in found:
                 row.update(status="ok", **llamacpp_measure(found[b], self.args.gen_len),
                            detail={k: found[b].get(k) for k in ("n_kv_max", "n_batch", "n_ubatch", "flash_attn")})

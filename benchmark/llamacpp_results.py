@@ -178,6 +178,10 @@ def report_text(rows: list[dict], command: str, figure: str | None = None) -> st
         out += [(f"Weights on disk (`--percent {' '.join(map(str, d.get('percent', [])))}`), memory limit "
                  f"{d.get('memory_limit')} ({enforced}), page cache {dropped} before each run:"),
                 "", disk_table(rows), ""]
+    notes = sorted({f"- llama.cpp {VARIANTS[r['variant']][0].removeprefix('llama.cpp ')}: {r['llamacpp_note']}"
+                    for r in rows if r.get("llamacpp_note")})
+    if notes:
+        out += ["llama.cpp runs with other flags:", *notes, ""]
     failed = failures(rows)
     if failed:
         out += ["Runs without a measurement:", *failed, ""]

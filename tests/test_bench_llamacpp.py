@@ -133,3 +133,30 @@ def test_missing_tools_are_named(monkeypatch, tmp_path):
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.delenv("CXX", raising=False)
     assert bench_llamacpp.missing_tools() == ["C compiler", "C++ compiler", "cmake"]
+
+
+def test_a_llamacpp_run_killed_by_a_signal_runs_again_without_repacking(tmp_path):
+    """A llama-batched-bench killed by a signal with no lines (its AMX matmul crashed on a Xeon) is
+    run once more with --no-repack; its rows carry the reason, which the report prints."""
+    import argparse
+    bench = object.__new__(bench_llamacpp.Bench)
+    bench.args = argparse.Namespace(threads=2, prompt_len=32, gen_len=32, batches=[1, 8])
+    bench.cache = bench_llamacpp.Cache(str(tmp_path), 2, log=lambda m: None)
+    bench.run_id, bench.machine, bench.llamacpp, bench.log, bench.logs = "run-1", {}, {}, lambda m: None, str(tmp_path)
+    calls = []
+
+    def process(cmd, name, env=None):
+        calls.append(cmd)
+        return (-11, "") if "--no-repack" not in cmd else (0, BATCHED_BENCH)
+    bench.process = process
+    rows = bench.run_llamacpp("q4_0", 0)
+    assert len(calls) == 2 and calls[1][-1] == "--no-repack" and "--no-repack" not in calls[0]
+    assert [r["status"] for r in rows] == ["ok", "ok"] and rows[0]["decode_tok_s"] == 12.8
+    assert rows[0]["llamacpp_note"] == "--no-repack: the default run was killed by signal 11"
+    assert rows[0]["command"][-1] == "--no-repack"
+    text = lr.report_text(ROWS + rows, "python bench_llamacpp.py run")
+    assert "- llama.cpp Q4_0: --no-repack: the default run was killed by signal 11" in text
+
+    bench.process = lambda cmd, name, env=None: calls.append(cmd) or (1, "")  # an ordinary failure: no retry
+    calls.clear()
+    assert [r["status"] for r in bench.run_llamacpp("q4_0", 0)] == ["error", "error"] and len(calls) == 1
