@@ -187,8 +187,10 @@ def _copies(layer_bytes: int, device: torch.device, most: int = 64) -> int:
 
 def int4_feed(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
     """The activations' dtype of the int4 kernel a `dtype` run with --compress-weight multiplies
-    with on `device` (the engine's own choice, `probe.int4_choice`), None where it dequantizes."""
-    choice = int4_choice(device.type, dtype, False)
+    with on `device` (the engine's own choice, `probe.int4_choice`, as --dtype auto makes it: a
+    float32 run's kernel may be fed bf16 where that is faster; one asked for float32 explicitly is
+    fed float32, and priced as the auto run), None where it dequantizes."""
+    choice = int4_choice(device.type, dtype, True)
     return choice.activations if choice.use else None
 
 
