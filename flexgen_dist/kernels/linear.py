@@ -132,7 +132,9 @@ def describe_int4(device: torch.device, choice: probe.Int4Choice | None) -> str:
     if device.type != "cpu":
         return f"packed int4 matmul ({choice.reason})"
     block = int4.int4_store_block()
-    kernel = compiled.kernel() if int4.uses_compiled(choice.activations, block) else None
-    above = "" if kernel is not None and kernel.path_for(choice.activations, COMPILED_MAX_ROWS + 1, block) \
-        == compiled.AMX_BF16 else f", dequantize + dense above {COMPILED_MAX_ROWS if kernel else INT4_MAX_ROWS} rows"
-    return f"packed int4 matmul ({choice.reason}), {int4.kernel_name(choice.activations, block)}{above}"
+    said = f"packed int4 matmul ({choice.reason}), {int4.kernel_name(choice.activations, block)}"
+    if not int4.uses_compiled(choice.activations, block):
+        return f"{said}, dequantize + dense above {INT4_MAX_ROWS} rows"
+    if compiled.kernel().path_for(choice.activations, COMPILED_MAX_ROWS + 1, block) == compiled.AMX_BF16:
+        return said  # the AMX path takes any number of rows
+    return f"{said}, dequantize + dense above {COMPILED_MAX_ROWS} rows"

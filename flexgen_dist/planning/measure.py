@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import shutil
 import tempfile
@@ -194,21 +193,27 @@ def int4_feed(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
     return choice.activations if choice.use else None
 
 
-def _held_as(w, t: torch.Tensor, layout: str, rows: int, device: torch.device):
-    """A matmul weight as the executor holds it in `layout` (others as they are)."""
-    if not w.linear or layout == "plain":
-        return t
-    if layout == "packed":  # as the executor packs resident weights: for the batch's rows
-        return pack_linear_weight(t, rows)
-    return dataclasses.replace(q := _int4_of(w.shape, t.dtype, device), data=q.data.clone())  # copies stream
+def _weight_sets(layer, dtype: torch.dtype, device: torch.device, layout: str, rows: int, copies: int) -> list[dict]:
+    """`copies` sets of the layer's weights, matmul weights held as the executor holds them in
+    `layout`: "packed" as it packs resident weights for the batch's rows, "int4" as --compress-weight
+    stores them in the kernel's form (quantized once; each copy its own codes, so copies stream)."""
+    def held(w, quantized):
+        t = _random_weight(w, dtype, device)
+        if not w.linear or layout == "plain":
+            return t
+        if layout == "packed":
+            return pack_linear_weight(t, rows)
+        return dataclasses.replace(quantized[w.key], data=quantized[w.key].data.clone())
+
+    quantized = {w.key: _int4_of(_random_weight(w, dtype, device), device)
+                 for w in layer.weights if w.linear and layout == "int4"}
+    return [{w.key: held(w, quantized) for w in layer.weights} for _ in range(copies)]
 
 
-@functools.lru_cache(maxsize=8)
-def _int4_of(shape: tuple, dtype: torch.dtype, device: torch.device):
-    """A constant weight of `shape` quantized as --compress-weight does, in the kernel's form."""
+def _int4_of(w: torch.Tensor, device: torch.device):
+    """`w` quantized as --compress-weight does, in the kernel's form."""
     config = Policy(compress_weight=True).weight_compression()
-    w = torch.full(shape, 0.01, dtype=dtype, device=device)
-    return int4_for_device(quantize_int4(w, config.group_size), device, int4_feed(device, dtype))
+    return int4_for_device(quantize_int4(w, config.group_size), device, int4_feed(device, w.dtype))
 
 
 def _time_layer(layer, spec, dtype, device, layout: str, rows: int, new: int, context: int, copies: int) -> float:
@@ -217,8 +222,7 @@ def _time_layer(layer, spec, dtype, device, layout: str, rows: int, new: int, co
     # the engine's buffers hold the whole generation: attention reads a slice, not all of it
     caches = [(tuple(torch.zeros(rows, layer.kv_heads, context + CAPACITY_SLACK, layer.head_dim, dtype=dtype,
                                  device=device) for _ in range(2)),) if layer.has_cache else () for _ in range(copies)]
-    sets = [{w.key: _held_as(w, _random_weight(w, dtype, device), layout, rows, device) for w in layer.weights}
-            for _ in range(copies)]
+    sets = _weight_sets(layer, dtype, device, layout, rows, copies)
 
     def cycle():
         for weights, extra in zip(sets, caches):

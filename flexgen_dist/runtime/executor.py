@@ -22,7 +22,6 @@ from ..kernels.int4 import Int4Weight
 from ..kernels.linear import (
     can_pack,
     int4_for_device,
-    int4_ready,
     pack_linear_weight,
     release_dense_buffers,
 )
@@ -114,7 +113,7 @@ class LocalExecutor:
         self.int4 = int4
         share_one_allocator_arena()
         self.homes = self._place_weights(store)
-        self._ready_layers = [all(self._ready(self.homes[w.name]) for w in layer.weights if w.expert is None)
+        self._ready_layers = [all(self.homes[w.name].used_as_is(devices) for w in layer.weights if w.expert is None)
                               for layer in layers]
         self._slabs = self._read_slabs(store)
         self._loads = itertools.count()
@@ -135,16 +134,6 @@ class LocalExecutor:
             only_linear[w.name] = only_linear.get(w.name, True) and w.linear
         tiers = weight_homes(self.layers, self.policy, lambda w: store.nbytes(w.name))
         return {name: self._home(store, name, tier, only_linear[name]) for name, tier in tiers.items()}
-
-    def _ready(self, home: WeightHome) -> bool:
-        """Whether a use of `home` takes its resident value as it is (no read, copy or decoding):
-        what `WeightHome.load` returns unchanged."""
-        value, compute = home.value, self.devices.compute
-        if home.tier is Tier.DISK or isinstance(value, CompressedTensor):
-            return False
-        if isinstance(value, Int4Weight):
-            return home.int4_feed is not None and int4_ready(value, compute, home.int4_feed)
-        return isinstance(value, torch.Tensor) and value.device == compute
 
     def _read_slabs(self, store: WeightSource) -> list[ReadSlab]:
         """Two buffers for disk-homed weights, each the size of the largest layer's reads: the layer
@@ -301,7 +290,7 @@ class LocalExecutor:
         return outputs
 
     def _submit_kv_load(self, job, inputs, caches) -> Future:
-        j, k = job
+        _, k = job
         cache = caches[job]
         # a cache that lives where the math runs is its own buffer: nothing to hand to a thread
         pool = Inline() if cache.in_place else self.io

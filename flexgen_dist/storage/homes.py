@@ -8,7 +8,7 @@ import torch
 
 from ..core.types import Tier
 from ..kernels.int4 import Int4Weight, dequantize_int4
-from ..kernels.linear import int4_for_device
+from ..kernels.linear import int4_for_device, int4_ready
 from ..kernels.quantize import CompressedTensor, dequantize
 from .devices import Devices, to_device
 
@@ -47,6 +47,15 @@ class WeightHome:
         `alloc` when given (see ReadSlab)."""
         value = self.store.read(self.name, alloc) if self.tier is Tier.DISK else self.value
         return materialize(value, devices.compute, self.int4_feed)
+
+    def used_as_is(self, devices: Devices) -> bool:
+        """Whether `load` returns the resident value unchanged: no read, copy or decoding."""
+        value, compute = self.value, devices.compute
+        if self.tier is Tier.DISK or isinstance(value, CompressedTensor):
+            return False
+        if isinstance(value, Int4Weight):
+            return self.int4_feed is not None and int4_ready(value, compute, self.int4_feed)
+        return isinstance(value, torch.Tensor) and value.device == compute
 
 
 def materialize(value, device: torch.device, int4_feed: torch.dtype | None = None):
