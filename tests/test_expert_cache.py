@@ -68,6 +68,44 @@ def test_experts_read_once_are_not_read_again(olmoe, tmp_path, monkeypatch, over
     assert sum(reads) > 0
 
 
+def test_an_expert_is_computed_while_the_next_ones_are_still_read(olmoe, tmp_path, monkeypatch):
+    """Experts on disk, no cache, a slow disk (each expert tensor's read takes 50 ms): in a layer
+    the first routed expert's product starts before the layer's last expert read is done (the
+    reads run in the background, each expert handed over as its own read ends); tokens equal
+    transformers'."""
+    import threading
+    import time
+
+    from flexgen_dist.models.moe import model as moe_model
+    from flexgen_dist.storage.store import TensorStore
+    events, lock, read, swiglu = [], threading.Lock(), TensorStore.read, moe_model.swiglu
+
+    def slow_read(self, name, alloc=None):
+        if ".experts." not in name:
+            return read(self, name, alloc)
+        time.sleep(0.05)
+        t = read(self, name, alloc)
+        with lock:
+            events.append(("read", name.split(".experts.")[0]))
+        return t
+
+    def noted_swiglu(h, *weights):
+        with lock:
+            events.append(("product", None))
+        return swiglu(h, *weights)
+    path, ref, _ = olmoe
+    with _engine(path, tmp_path, expert_cache_gib=0) as engine:
+        monkeypatch.setattr(TensorStore, "read", slow_read)
+        monkeypatch.setattr(moe_model, "swiglu", noted_swiglu)
+        assert torch.equal(engine.generate([PROMPTS[0]], max_new_tokens=NEW_TOKENS), ref[0])
+    layers = [i for i, (kind, _) in enumerate(events) if kind == "product"]
+    assert layers, "no routed expert was computed"
+    first = layers[0]
+    first_layer = next(layer for kind, layer in events[:first] if kind == "read")
+    next_reads = [layer for kind, layer in events[first:] if kind == "read"][:1]
+    assert next_reads == [first_layer]  # the first product ran before its layer's last read ended
+
+
 def test_cache_never_exceeds_its_size(olmoe, tmp_path, monkeypatch):
     """A cache of three experts' bytes: it never holds more, it evicts (experts are read again in a
     second run) and the tokens are still transformers'."""

@@ -166,13 +166,15 @@ class Layer:
         return len({w.expert for w in self.weights if w.expert is not None})
 
 
-def take(weights: Mapping, keys: list[str]) -> list:
-    """`weights[k]` for every key. A mapping that loads on demand (the executor's view of a layer
-    whose routed experts are read only when used) gets all of `keys` requested at once first."""
+def take(weights: Mapping, keys: list[str]) -> Iterator:
+    """`weights[k]` for every key, in order, each looked up only when the iterator reaches it. A
+    mapping that loads on demand (the executor's view of a layer whose routed experts are read only
+    when used) gets all of `keys` requested at once first, so later keys load while the caller
+    works on the first ones."""
     prefetch = getattr(weights, "prefetch", None)
     if prefetch is not None:
         prefetch(keys)
-    return [weights[k] for k in keys]
+    return (weights[k] for k in keys)
 
 
 class PartWeights(Mapping):
@@ -192,7 +194,9 @@ class PartWeights(Mapping):
         return sum(1 for _ in self)
 
     def prefetch(self, keys: list[str]) -> None:
-        take(self.parent, [self.prefix + k for k in keys])
+        prefetch = getattr(self.parent, "prefetch", None)
+        if prefetch is not None:
+            prefetch([self.prefix + k for k in keys])
 
 
 def merge_layers(name: str, parts: list[Layer]) -> Layer:

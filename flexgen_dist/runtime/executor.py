@@ -69,17 +69,24 @@ class LoadedWeights:
 class LayerWeights(Mapping):
     """A layer's weights for one use (every batch of a block), by layer-local key: dense weights
     loaded up front; routed experts' (`WeightSpec.expert`) loaded the first time the math asks for
-    them (`models.base.take`, after routing), so an expert no token of the block uses is never read."""
+    them (`models.base.take`, after routing), so an expert no token of the block uses is never read.
+    Experts asked for together are read in the background, and each is handed over as soon as its
+    own read is done: the math computes the first expert while the next ones are still read."""
 
     def __init__(self, tensors: dict, lazy: dict[str, WeightHome], load):
-        """`load(homes)` -> (tensors, bytes they moved onto the compute tier)."""
-        self.tensors, self.lazy, self._load, self.moved_bytes = tensors, lazy, load, 0
+        """`load(homes)` -> one future per home of (tensor, bytes it moved onto the compute tier)."""
+        self.tensors, self.lazy, self._load = tensors, lazy, load
+        self.pending: dict[str, Future] = {}
+        self._moved = 0
 
     def __getitem__(self, key: str):
         if key not in self.tensors:
             if key not in self.lazy:
                 raise KeyError(key)
             self.prefetch([key])
+            tensor, moved = self.pending.pop(key).result()
+            self.tensors[key] = tensor
+            self._moved += moved
         return self.tensors[key]
 
     def __iter__(self):
@@ -89,12 +96,18 @@ class LayerWeights(Mapping):
         return len(dict.fromkeys([*self.tensors, *self.lazy]))
 
     def prefetch(self, keys: list[str]) -> None:
-        """Load every key of `keys` not loaded yet, all reads in flight at once."""
-        missing = [k for k in dict.fromkeys(keys) if k not in self.tensors and k in self.lazy]
+        """Start loading every key of `keys` not loaded or loading yet, in that order."""
+        missing = [k for k in dict.fromkeys(keys) if k in self.lazy and k not in self.tensors and k not in self.pending]
         if missing:
-            loaded, moved = self._load([self.lazy[k] for k in missing])
-            self.tensors.update(zip(missing, loaded))
-            self.moved_bytes += moved
+            self.pending.update(zip(missing, self._load([self.lazy[k] for k in missing])))
+
+    @property
+    def moved_bytes(self) -> int:
+        """Bytes the experts' loads moved onto the compute tier; loads still in flight are waited
+        for (and counted), so none is left running or uncounted after the layer's use."""
+        for key in list(self.pending):
+            self[key]
+        return self._moved
 
 
 @dataclass
@@ -221,22 +234,27 @@ class LocalExecutor:
         lazy = {w.key: self.homes[w.name] for w in self.layers[j].weights if w.expert is not None}
         return LoadedWeights(LayerWeights(tensors, lazy, self._load_experts), moved)
 
-    def _load_experts(self, homes: list[WeightHome]) -> tuple[list, int]:
-        """Experts' tensors on the compute device: from the expert cache where it holds them (no
-        read), the others read in parallel into buffers of their own and kept in the cache when
-        they come from a slower tier; and the bytes moved onto the compute tier for this use only."""
-        cached = {h.name: self.expert_cache.get(h.name) for h in homes if self._cacheable(h)}
-        missing = [h for h in homes if cached.get(h.name) is None]
-        loaded = dict(zip([h.name for h in missing],
-                          _WEIGHT_READERS.map(lambda home: home.load(self.devices), missing)))
-        moved = 0
-        for home in missing:
-            t = loaded[home.name]
-            kept = self._cacheable(home) and self.expert_cache.put(home.name, t, t.nbytes)
-            if t is not home.value and not kept:
-                moved += t.nbytes
+    def _load_experts(self, homes: list[WeightHome]) -> list[Future]:
+        """Experts' tensors on the compute device, one future each of (tensor, bytes moved onto the
+        compute tier for this use only): from the expert cache where it holds them (no read), the
+        others read in parallel into buffers of their own, in the order asked for, and kept in the
+        cache when they come from a slower tier."""
+        futures = []
+        for home in homes:
+            cached = self.expert_cache.get(home.name) if self._cacheable(home) else None
+            if cached is None:
+                futures.append(_WEIGHT_READERS.submit(self._load_expert, home))
+            else:
+                futures.append(Future())
+                futures[-1].set_result((cached, 0))
+        return futures
+
+    def _load_expert(self, home: WeightHome) -> tuple[object, int]:
+        t = home.load(self.devices)
+        kept = self._cacheable(home) and self.expert_cache.put(home.name, t, t.nbytes)
+        moved = t.nbytes if t is not home.value and not kept else 0
         self.devices.usage[Tier.COMPUTE].add(moved)
-        return [loaded[h.name] if cached.get(h.name) is None else cached[h.name] for h in homes], moved
+        return t, moved
 
     def _cacheable(self, home: WeightHome) -> bool:
         """Whether a use of this expert reads it from a slower tier (what the expert cache saves)."""

@@ -54,7 +54,7 @@ def routed_experts(w, h: torch.Tensor, top: torch.Tensor, experts: torch.Tensor,
     order = torch.argsort(chosen, stable=True)  # (token, slot) pairs grouped by expert
     counts = torch.bincount(chosen, minlength=num_experts).tolist()
     used = [e for e, c in enumerate(counts) if c]
-    tensors = iter(take(w, [f"experts.{e}.{p}" for e in used for p in PROJECTIONS]))
+    tensors = take(w, [f"experts.{e}.{p}" for e in used for p in PROJECTIONS])
     weights, out, start = top.reshape(-1), torch.zeros_like(h), 0
     for e in used:
         pairs = order[start:start + counts[e]]
