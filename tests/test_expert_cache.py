@@ -196,6 +196,47 @@ def test_cache_is_counted_in_the_memory_budget(monkeypatch):
     assert budget.with_expert_cache(disk, layers, torch.bfloat16, True, left=-5).expert_cache_gib == 0
 
 
+def test_4bit_experts_multiplied_from_codes_are_not_counted_dense_in_flight():
+    """Weights an int4 kernel multiplies from their codes are never dequantized whole: the budget
+    counts no dense copy of a layer's routed experts in flight (on a CPU they are used where they
+    are read; for a GPU they are copied packed), so that memory goes to the expert cache."""
+    layers = _qwen3_layers()
+    policy = Policy(w_gpu_percent=0, w_cpu_percent=0, compress_weight=True)
+    dense_experts = sum(torch.Size(w.shape).numel() * 2 for w in layers[1].weights if w.expert is not None)
+    packed_experts = sum(budget.stored_nbytes(w, torch.bfloat16, policy.weight_compression())
+                         for w in layers[1].weights if w.expert is not None)
+
+    def in_flight(cpu: bool, kernel: bool, pol=policy) -> int:
+        return budget.weight_plan(layers, pol, torch.bfloat16, cpu, kernel).bytes[Tier.COMPUTE]["weights in flight"]
+    assert in_flight(True, False) >= 2 * dense_experts  # dequantized whole for each use
+    assert in_flight(True, True) < packed_experts / 2  # at most their scales turned to the feed's dtype
+    host = Policy(w_gpu_percent=0, w_cpu_percent=100, compress_weight=True)
+    assert 2 * packed_experts <= in_flight(False, True, host) < 2 * dense_experts / 3  # copied packed
+
+
+def test_the_engine_budgets_4bit_experts_as_its_int4_choice_multiplies_them(olmoe, tmp_path, monkeypatch):
+    """The plan the engine sizes its expert cache from counts a layer's 4-bit experts dense in
+    flight only when no int4 kernel multiplies them (FLEXGEN_INT4=0)."""
+    from flexgen_dist.engine import engine as engine_module
+    from flexgen_dist.kernels import probe
+    path, ref, expert = olmoe
+    seen, real, kernel = {}, engine_module.memory_left, {}
+    for forced in ("1", "0"):
+        monkeypatch.setenv("FLEXGEN_INT4", forced)
+        probe.int4_choice.cache_clear()
+        monkeypatch.setattr(engine_module, "memory_left", lambda plan, compute, forced=forced: seen.setdefault(
+            forced, plan.bytes[Tier.COMPUTE]["weights in flight"]) and real(plan, compute))
+        with _engine(path, tmp_path, compress_weight=True, compress_group_size=32) as engine:
+            kernel[forced] = engine.executor.int4.use
+            assert engine.memory_plan(8, NEW_TOKENS).bytes[Tier.COMPUTE]["weights in flight"] == seen[forced]
+    probe.int4_choice.cache_clear()
+    assert seen["0"] >= 2 * 8 * expert  # olmoe's 8 experts of a layer, dequantized for each use
+    assert not kernel["0"]
+    if not kernel["1"]:
+        pytest.skip("no int4 kernel for float32 on this CPU")
+    assert seen["1"] < 8 * expert
+
+
 def test_a_block_shrinks_the_cache_to_the_memory_it_leaves(olmoe, tmp_path, monkeypatch):
     """The engine sizes the cache from the memory the weights leave; a block admitted later leaves
     the cache only what the block does not need."""

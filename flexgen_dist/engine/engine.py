@@ -58,10 +58,11 @@ def normalize_prompts(input_ids, attention_mask=None) -> list[list[int]]:
     return [list(map(int, p)) for p in input_ids]
 
 
-def _size_expert_cache(policy: Policy, layers, dtype: torch.dtype, devices: Devices, ctx: DistContext) -> Policy:
+def _size_expert_cache(policy: Policy, layers, dtype: torch.dtype, devices: Devices, ctx: DistContext,
+                       int4_kernel: bool) -> Policy:
     """The policy with its expert cache sized (unless given): the memory the weights leave, shared
     with the other ranks on this machine; a block that needs it later shrinks it (`_check_block_fits`)."""
-    left = memory_left(weight_plan(layers, policy, dtype, devices.host_is_compute), devices.compute)
+    left = memory_left(weight_plan(layers, policy, dtype, devices.host_is_compute, int4_kernel), devices.compute)
     shared = ctx.local_size if devices.compute.type == "cpu" else 1  # one GPU per rank, one host for all
     return with_expert_cache(policy, layers, dtype, devices.host_is_compute, left // shared)
 
@@ -113,13 +114,15 @@ class Engine:
         first, last = stage_range(model.spec, family, ctx, config.stage_layers)
         layers = family.build_layers(model.spec, first, last, with_embed=ctx.first, with_head=ctx.last,
                                      sep_layer=policy.sep_layer)
-        check_memory(weight_plan(layers, policy, choice.dtype, devices.host_is_compute), devices.compute, "the weights")
-        policy = _size_expert_cache(policy, layers, choice.dtype, devices, ctx)  # from what that check left
+        int4 = choose_int4(devices.compute, choice) if policy.compress_weight else None  # once per engine
+        int4_kernel = int4 is not None and int4.use
+        check_memory(weight_plan(layers, policy, choice.dtype, devices.host_is_compute, int4_kernel), devices.compute,
+                     "the weights")
+        policy = _size_expert_cache(policy, layers, choice.dtype, devices, ctx, int4_kernel)  # from what that check left
         store = open_store(offload_dir, model, choice.dtype, policy, config.rebuild_store)
         store.ensure([w for layer in layers for w in layer.weights], model.source, progress=watched(ctx))
         work_dir = open_work_dir(os.path.join(offload_dir, "work"))
         try:
-            int4 = choose_int4(devices.compute, choice) if policy.compress_weight else None  # once per engine
             executor = LocalExecutor(layers, store, policy, devices, choice.dtype, work_dir, int4)
         except BaseException:
             remove_work_dir(work_dir)
@@ -240,7 +243,8 @@ class Engine:
     def memory_plan(self, prompt_len: int, max_new_tokens: int) -> Plan:
         """The bytes this rank's policy places on each tier for a block of prompts this long."""
         ex = self.executor
-        return weight_plan(ex.layers, self.policy, self.dtype, self.devices.host_is_compute) + \
+        int4_kernel = ex.int4 is not None and ex.int4.use
+        return weight_plan(ex.layers, self.policy, self.dtype, self.devices.host_is_compute, int4_kernel) + \
             block_plan(ex.layers, self.policy, self.dtype, self.micro_batches, prompt_len,
                        prompt_len + max_new_tokens, self.spec.hidden_size, self.spec.vocab_size, self.spec.num_heads)
 

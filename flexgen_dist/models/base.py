@@ -265,6 +265,15 @@ class Family:
     flops_per_token: Callable[[ModelSpec, int], tuple[float, float]]
 
 
+def only_multiplied(layers: list[Layer]) -> dict[str, bool]:
+    """Weight name -> whether every use of it is as a matmul weight (`WeightSpec.linear`); a tied
+    embedding is also looked up by rows, so it is not."""
+    out: dict[str, bool] = {}
+    for w in (w for layer in layers for w in layer.weights):
+        out[w.name] = out.get(w.name, True) and w.linear
+    return out
+
+
 def stored_names(layers: list[Layer]) -> list[str]:
     """The store names of `layers`' weights, each once (a tied weight serves two layers), in order."""
     return list(dict.fromkeys(w.name for layer in layers for w in layer.weights))

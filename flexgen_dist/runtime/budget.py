@@ -14,9 +14,10 @@ import torch
 from ..core.errors import FlexGenError
 from ..core.policy import Policy, split_rows, weight_homes
 from ..core.types import GiB, Tier
-from ..models.base import SCORE_CHUNK, Layer
+from ..models.base import SCORE_CHUNK, Layer, only_multiplied
 from ..storage.kvcache import kv_token_bytes
-from ..storage.store import stored_nbytes
+from ..storage.homes import reaches_math_packed
+from ..storage.store import stored_as_int4, stored_nbytes, stored_parts
 from ..system.limits import host_available, require_disk_space
 
 # allocator slack and fragmentation on top of the bytes counted. Measured over 45 runs in memory
@@ -65,19 +66,39 @@ def _elem(dtype: torch.dtype) -> int:
     return dtype.itemsize
 
 
-def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is_compute: bool) -> Plan:
+def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is_compute: bool,
+                int4_kernel: bool = False) -> Plan:
     """Weights at their homes (FlexGen's per-layer rule on stored bytes, as the executor places
     them), plus the compute-side buffers of the two layers in flight (weights read, copied or
     decompressed for one use), the host read buffers of disk-homed weights and of one layer's
     disk-homed routed experts, and the expert cache (`Policy.expert_cache_gib`, at most what it
-    could hold: `cacheable_expert_bytes`)."""
+    could hold: `cacheable_expert_bytes`). `int4_kernel`: the engine multiplies 4-bit weights from
+    their codes (`Int4Choice.use`), so those that reach the math packed are used like plain ones,
+    where they rest or copied packed; on a CPU a product with more rows than the kernel takes
+    dequantizes one at a time into one reused buffer, counted at the largest."""
     compression = policy.weight_compression()
+    only_linear = only_multiplied(layers)
 
     def stored(w) -> int:
         return stored_nbytes(w, dtype, compression)
 
+    def packed(w) -> bool:
+        return stored_as_int4(w, compression) and reaches_math_packed(only_linear[w.name], host_is_compute,
+                                                                      int4_kernel)
+
+    def moved_for_use(w, tier: Tier) -> int:
+        """Compute-side bytes one use of `w` allocates besides its home and read buffers."""
+        dense = torch.Size(w.shape).numel() * _elem(dtype)
+        if packed(w) and not host_is_compute:
+            return 0 if tier is Tier.COMPUTE else stored(w)  # copied to the GPU packed
+        if packed(w):  # read from disk, used where it lands, but its scales may be turned to the feed's dtype
+            return 2 * stored_parts(w, dtype, compression)[1] if tier is Tier.DISK else 0
+        # on a CPU a plain weight read from disk is used where it lands, in the read buffers
+        used_in_place = (tier is Tier.COMPUTE or host_is_compute) and stored(w) == dense
+        return 0 if used_in_place else dense
+
     homes = weight_homes(layers, policy, stored)
-    plan, in_flight, disk_reads, expert_reads = Plan(), [], [], [0]
+    plan, in_flight, disk_reads, expert_reads, dequantized = Plan(), [], [], [0], 0
     for layer in layers:
         moved = disk = 0
         for w in layer.weights:
@@ -86,18 +107,16 @@ def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is
                 expert_reads[-1] += size
             elif tier is Tier.DISK:
                 disk += size
-            dense = torch.Size(w.shape).numel() * _elem(dtype)
-            # on a CPU a plain weight read from disk is used where it lands, in the read buffers
-            used_in_place = (tier is Tier.COMPUTE or host_is_compute) and size == dense
-            if not used_in_place:
-                moved += dense
+            moved += moved_for_use(w, tier)
+            if packed(w) and host_is_compute:
+                dequantized = max(dequantized, torch.Size(w.shape).numel() * _elem(dtype))
         in_flight.append(moved)
         disk_reads.append(disk)
         expert_reads.append(0)
     sizes = {w.name: stored(w) for layer in layers for w in layer.weights}
     for name, tier in homes.items():
         plan.add(tier, "weights", sizes[name])
-    plan.add(Tier.COMPUTE, "weights in flight", 2 * max(in_flight, default=0))
+    plan.add(Tier.COMPUTE, "weights in flight", 2 * max(in_flight, default=0) + dequantized)
     plan.add(Tier.HOST, "disk read buffers", 2 * max(disk_reads, default=0))
     # a large block routes to every expert of a layer: one layer's disk-homed experts at a time
     plan.add(Tier.HOST, "routed experts read", max(expert_reads))

@@ -27,10 +27,10 @@ from ..kernels.linear import (
 )
 from ..kernels.probe import Int4Choice
 from ..kernels.quantize import CompressedTensor
-from ..models.base import Layer, StepInputs
+from ..models.base import Layer, StepInputs, only_multiplied
 from ..storage.activations import ActivationStore
 from ..storage.devices import Devices, to_device
-from ..storage.homes import WeightHome, WeightSource
+from ..storage.homes import WeightHome, WeightSource, reaches_math_packed
 from ..storage.kvcache import KVCache
 from ..system.io import ReadSlab
 from ..system.limits import share_one_allocator_arena, trim_allocator
@@ -142,9 +142,7 @@ class LocalExecutor:
     # ----- placement -------------------------------------------------------------------------
     def _place_weights(self, store: WeightSource) -> dict[str, WeightHome]:
         """Home every weight by FlexGen's rule, on the bytes it really takes (packed if compressed)."""
-        only_linear = {}  # tensors every user multiplies with (a tied embedding is also looked up)
-        for w in (w for layer in self.layers for w in layer.weights):
-            only_linear[w.name] = only_linear.get(w.name, True) and w.linear
+        only_linear = only_multiplied(self.layers)
         tiers = weight_homes(self.layers, self.policy, lambda w: store.nbytes(w.name))
         return {name: self._home(store, name, tier, only_linear[name]) for name, tier in tiers.items()}
 
@@ -158,10 +156,8 @@ class LocalExecutor:
 
     def _home(self, store: WeightSource, name: str, tier: Tier, only_linear: bool) -> WeightHome:
         home = WeightHome(name, tier, store.nbytes(name), store)
-        # a tensor also looked up (a tied embedding) stays packed only where rows can be taken from
-        # the packed form (a CPU's layout); tinygemm's GPU form cannot, so there it is dequantized
-        lookup_ok = only_linear or self.devices.compute.type == "cpu"
-        packed = lookup_ok and self.policy.compress_weight and self.int4 is not None and self.int4.use
+        packed = self.policy.compress_weight and reaches_math_packed(
+            only_linear, self.devices.compute.type == "cpu", self.int4 is not None and self.int4.use)
         home.int4_feed = self.int4.activations if packed else None
         if tier is not Tier.DISK:
             value = store.read(name)

@@ -58,6 +58,13 @@ class WeightHome:
         return isinstance(value, torch.Tensor) and value.device == compute
 
 
+def reaches_math_packed(only_linear: bool, compute_is_cpu: bool, int4_kernel: bool) -> bool:
+    """Whether a weight stored in the int4 layout is handed to the math packed, where the engine
+    uses an int4 kernel: one also looked up by rows (a tied embedding) only on a CPU, whose layout
+    gives rows; tinygemm's GPU form does not, so there it is dequantized."""
+    return int4_kernel and (only_linear or compute_is_cpu)
+
+
 def materialize(value, device: torch.device, int4_feed: torch.dtype | None = None):
     """A plain tensor on `device` from a tensor, a CompressedTensor or an Int4Weight (decompressed
     on `device`); with an `int4_feed`, an Int4Weight in the form `device`'s int4 kernel reads when

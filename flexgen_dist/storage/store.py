@@ -47,6 +47,13 @@ def stored_parts(spec: WeightSpec, dtype: torch.dtype, compression: CompressionC
     return list(int4.weight_parts(spec.shape, dtype, compression))
 
 
+def stored_as_int4(spec: WeightSpec, compression: CompressionConfig | None) -> bool:
+    """Whether a store with `compression` keeps `spec` in the int4 kernel's layout (read back as
+    an Int4Weight, which an int4 kernel multiplies from its codes)."""
+    return compresses(compression, spec.compressible) and int4.fits(spec.shape, compression.num_bits,
+                                                                     compression.group_size)
+
+
 def stored_nbytes(spec: WeightSpec, dtype: torch.dtype, compression: CompressionConfig | None) -> int:
     return sum(stored_parts(spec, dtype, compression))
 
@@ -172,7 +179,7 @@ class TensorStore:
             entry["xxh3"] = {"raw": write_file(os.path.join(self.root, spec.name + ".bin"), t)}
             return entry
         config = self.compression
-        if int4.fits(spec.shape, config.num_bits, config.group_size):
+        if stored_as_int4(spec, config):
             q = int4.quantize_int4(t, config.group_size, self.int4_block)
             codes, scales, layout = q.data, q.scales_zeros, "int4"
         else:
