@@ -20,6 +20,11 @@ VARIANTS = {  # name -> (transformers class names, config overrides)
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 48}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    # Qwen3 with YaRN long-context scaling (as Qwen's model cards configure it); a short original context
+    # so the blend between interpolated and kept frequencies falls inside the tiny head
+    "qwen3-yarn": ("Qwen3Config", "Qwen3ForCausalLM",
+                   {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+                    "rope_theta": 10000.0}),
 }
 
 

@@ -3,6 +3,7 @@ with q/k/v biases; Qwen3 with q/k norm): greedy tokens identical to transformers
 and logits within atol = rtol = 1e-4, on the OPT placement matrix, with lossless-grid compression,
 and on 1-4 pipeline ranks; the GQA KV cache holds kv_heads/heads of MHA's bytes on every tier."""
 import json
+import math
 import re
 
 import pytest
@@ -86,6 +87,9 @@ def test_specs_read_each_feature(checkpoints):
     assert specs["llama3-tied"].tie_word_embeddings and not specs["llama"].tie_word_embeddings
     assert specs["qwen2"].qkv_bias and not specs["qwen2"].o_bias and not specs["llama"].qkv_bias
     assert specs["qwen3"].qk_norm and not specs["qwen2"].qk_norm
+    yarn = specs["qwen3-yarn"]
+    assert yarn.rope_type == "yarn" and yarn.rope_factor == 4.0 and yarn.rope_original_max_positions == 16
+    assert yarn.rope_attention_factor == pytest.approx(0.1 * math.log(4.0) + 1)
     assert specs["mistral"].sliding_window == 48 and specs["mistral"].max_positions == 48
     assert all(s.pad_token_id is None and s.pad_id == EOS for s in specs.values())
 
@@ -163,12 +167,12 @@ def test_unknown_rope_type_is_one_line_error(tmp_path):
     make_llama_checkpoint(tmp_path / "m", "llama", tokenizer=True)
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config.pop("rope_parameters", None)
-    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    config["rope_scaling"] = {"rope_type": "longrope", "factor": 4.0}
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     code, _, stderr = run_cli("--model", tmp_path / "m", "--prompt-len", 4, "--num-prompts", 1, "--gen-len", 2,
                                    "--offload-dir", tmp_path / "off")
     assert code == 2, stderr
-    assert stderr.strip().count("\n") == 0 and stderr.startswith("error: ") and "rope type 'yarn'" in stderr, stderr
+    assert stderr.strip().count("\n") == 0 and stderr.startswith("error: ") and "rope type 'longrope'" in stderr, stderr
 
 
 def test_builtin_llama_shapes_and_dummy_init():

@@ -2,12 +2,13 @@
 built-in shapes of the sizes people run (for `--dummy-weights`, offline)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..base import ModelError, ModelSpec, eos_ids
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-ROPE_TYPES = ("default", "llama3")
+ROPE_TYPES = ("default", "llama3", "yarn")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,11 +20,15 @@ class LlamaSpec(ModelSpec):
     model_type: str = "llama"
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_type: str = "default"  # or "llama3" (Llama 3.1+): the four fields below apply
-    rope_factor: float = 1.0
+    rope_type: str = "default"  # "llama3" (Llama 3.1+): the next four fields; "yarn": factor, original
+    rope_factor: float = 1.0  # max positions and the four yarn fields
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_positions: int = 8192
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True  # yarn: round the blend's bounds to whole dimensions
+    rope_attention_factor: float = 1.0  # yarn: cos and sin are scaled by it
     qkv_bias: bool = False  # Qwen2 always; Llama/Qwen3 when `attention_bias`
     o_bias: bool = False  # Llama/Qwen3 `attention_bias`
     qk_norm: bool = False  # Qwen3
@@ -51,7 +56,28 @@ def rope_fields(config: dict, name: str) -> dict:
         out.update(rope_factor=float(params["factor"]), rope_low_freq_factor=float(params["low_freq_factor"]),
                    rope_high_freq_factor=float(params["high_freq_factor"]),
                    rope_original_max_positions=int(params["original_max_position_embeddings"]))
+    if kind == "yarn":
+        out.update(_yarn_fields(params, config))
     return out
+
+
+def _yarn_fields(params: dict, config: dict) -> dict:
+    """YaRN's settings as transformers reads them: the factor defaults to the ratio of the context
+    lengths, the attention factor to 0.1 ln(factor) + 1 (or the mscale ratio where both are set)."""
+    original = int(params.get("original_max_position_embeddings") or config["max_position_embeddings"])
+    factor = float(params.get("factor") or config["max_position_embeddings"] / original)
+    attention = params.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all \
+            else _yarn_mscale(factor)
+    return dict(rope_factor=factor, rope_original_max_positions=original, rope_attention_factor=float(attention),
+                rope_beta_fast=float(params.get("beta_fast") or 32), rope_beta_slow=float(params.get("beta_slow") or 1),
+                rope_truncate=bool(params.get("truncate", True)))
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def sliding_window_of(config: dict) -> int | None:
@@ -132,6 +158,8 @@ def to_hf_config(spec: LlamaSpec) -> dict:
         rope.update(factor=spec.rope_factor, low_freq_factor=spec.rope_low_freq_factor,
                     high_freq_factor=spec.rope_high_freq_factor,
                     original_max_position_embeddings=spec.rope_original_max_positions)
+    if spec.rope_type == "yarn":
+        rope.update(yarn_parameters(spec))
     config = {"model_type": spec.model_type, "architectures": [_ARCHITECTURES[spec.model_type]],
               "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size, "intermediate_size": spec.ffn_dim,
               "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
@@ -143,6 +171,13 @@ def to_hf_config(spec: LlamaSpec) -> dict:
               "bos_token_id": spec.bos_token_id, "pad_token_id": spec.pad_token_id,
               "eos_token_id": list(spec.eos_token_ids) if len(spec.eos_token_ids) > 1 else spec.eos_token_id}
     return config
+
+
+def yarn_parameters(spec: LlamaSpec) -> dict:
+    """The `rope_scaling` fields of a yarn spec (what `_yarn_fields` reads back)."""
+    return dict(factor=spec.rope_factor, original_max_position_embeddings=spec.rope_original_max_positions,
+                attention_factor=spec.rope_attention_factor, beta_fast=spec.rope_beta_fast,
+                beta_slow=spec.rope_beta_slow, truncate=spec.rope_truncate)
 
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",

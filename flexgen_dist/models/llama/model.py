@@ -36,6 +36,8 @@ def rope_inv_freq(spec: LlamaSpec) -> torch.Tensor:
     inv = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if spec.rope_type == "default":
         return inv
+    if spec.rope_type == "yarn":
+        return _yarn_inv_freq(spec)
     # llama3: stretch low frequencies by `factor`, keep high ones, interpolate smoothly in between
     low_wavelen = spec.rope_original_max_positions / spec.rope_low_freq_factor
     high_wavelen = spec.rope_original_max_positions / spec.rope_high_freq_factor
@@ -48,6 +50,25 @@ def rope_inv_freq(spec: LlamaSpec) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def _yarn_inv_freq(spec: LlamaSpec) -> torch.Tensor:
+    """YaRN: interpolated (divided by the factor) below the dimensions that turn `beta_slow` times
+    over the original context, kept above those that turn `beta_fast` times, a linear ramp between."""
+    dim, base, original = spec.head_dim, spec.rope_theta, spec.rope_original_max_positions
+
+    def dimension_turning(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dimension_turning(spec.rope_beta_fast), dimension_turning(spec.rope_beta_slow)
+    if spec.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp
+    turns = base ** (torch.arange(0, dim, 2).float() / dim)  # transformers' order of operations
+    return 1.0 / (spec.rope_factor * turns) * (1 - keep) + 1.0 / turns * keep
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """In float32, cast back before the scale (transformers' order, so float32 runs match exactly)."""
     x32 = x.float()
@@ -55,14 +76,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-def rotary_tables(inputs: StepInputs, inv_freq: torch.Tensor, dtype: torch.dtype):
+def rotary_tables(inputs: StepInputs, inv_freq: torch.Tensor, dtype: torch.dtype, attention_factor: float = 1.0):
     """(cos, sin), each (b, 1, s, head_dim), for the step's positions: computed by the step's first
     attention layer and kept in `inputs.extra` for the others (one table per step, not per layer)."""
     tables = inputs.extra.get("rope")
     if tables is None:
         freqs = inputs.positions[..., None].float() * inv_freq.to(inputs.positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        tables = inputs.extra["rope"] = (emb.cos().to(dtype), emb.sin().to(dtype))
+        scale = attention_factor  # yarn's; 1 otherwise
+        tables = inputs.extra["rope"] = ((emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype))
     return tables
 
 
@@ -78,11 +100,20 @@ def embed(w, ids: torch.Tensor, inputs: StepInputs, *, spec: LlamaSpec) -> torch
 def attention(w, x, inputs: StepInputs, kv, *, spec: LlamaSpec, inv_freq: torch.Tensor) -> torch.Tensor:
     residual = x
     x = rms_norm(x, w["ln.weight"], spec.rms_norm_eps)
-    b, s, _ = x.shape
-    end = inputs.start + s
+    end = inputs.start + x.shape[1]
     if spec.sliding_window and end > spec.sliding_window:  # the engine refuses such prompts up front
         raise ModelError(f"{spec.name}: {end} positions exceed the sliding window ({spec.sliding_window}); "
                          "sliding-window attention is not supported")
+    q, keys, values = queries_and_cache(w, x, inputs, kv, spec=spec, inv_freq=inv_freq)
+    return attention_output(w, attend(q, keys, values, inputs.attn_bias)) + residual
+
+
+def queries_and_cache(w, x, inputs: StepInputs, kv, *, spec: LlamaSpec, inv_freq: torch.Tensor):
+    """(q, keys, values) for normed hidden states `x` (b, s, hidden): the queries (b, heads, s,
+    head_dim) rotated and scaled by head_dim^-0.5; this step's keys (rotated) and values written into
+    the KV buffers at `inputs.start`, and the buffers' views up to the last new token."""
+    b, s, _ = x.shape
+    end = inputs.start + s
     q, k = linear(x, w["q.weight"], w.get("q.bias")), linear(x, w["k.weight"], w.get("k.bias"))
     if spec.qk_norm_whole:  # OLMoE: over all heads' features at once
         q = rms_norm(q, w["q_norm.weight"], spec.rms_norm_eps)
@@ -92,13 +123,18 @@ def attention(w, x, inputs: StepInputs, kv, *, spec: LlamaSpec, inv_freq: torch.
     if spec.qk_norm:  # Qwen3: RMSNorm over each head's own features, before the rotation
         q = rms_norm(q, w["q_norm.weight"], spec.rms_norm_eps)
         k = rms_norm(k, w["k_norm.weight"], spec.rms_norm_eps)
-    cos, sin = rotary_tables(inputs, inv_freq, x.dtype)
+    cos, sin = rotary_tables(inputs, inv_freq, x.dtype, spec.rope_attention_factor)
     q = _rotate(q.transpose(1, 2), cos, sin) * spec.head_dim ** -0.5
     k_buf, v_buf = kv
     k_buf[:, :, inputs.start:end] = _rotate(k.transpose(1, 2), cos, sin)
     v_buf[:, :, inputs.start:end] = v.transpose(1, 2)
-    out = attend(q, k_buf[:, :, :end], v_buf[:, :, :end], inputs.attn_bias)
-    return linear(out.transpose(1, 2).reshape(b, s, -1), w["o.weight"], w.get("o.bias")) + residual
+    return q, k_buf[:, :, :end], v_buf[:, :, :end]
+
+
+def attention_output(w, out: torch.Tensor) -> torch.Tensor:
+    """The output projection of attention's result (b, heads, s, head_dim)."""
+    b, _, s, _ = out.shape
+    return linear(out.transpose(1, 2).reshape(b, s, -1), w["o.weight"], w.get("o.bias"))
 
 
 def mlp(w, x, inputs: StepInputs, *, spec: LlamaSpec) -> torch.Tensor:
