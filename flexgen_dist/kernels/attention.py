@@ -35,3 +35,28 @@ def _attend_one_query(q, k, v, bias):
     scores = (grouped @ k.contiguous().transpose(-1, -2)).float() + bias  # bias (b, 1, 1, t) broadcasts
     out = scores.softmax(dim=-1).to(q.dtype) @ v.contiguous()
     return out.view(b, heads, 1, d)
+
+
+SINK_CHUNK_BYTES = 64 << 20
+
+
+def attend_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                      sinks: torch.Tensor) -> torch.Tensor:
+    """`attend` with one learned logit per query head (`sinks`, (heads,)) joining each softmax as a
+    key with no value: it takes a share of the attention and gives nothing back (gpt-oss). The
+    scores and the softmax are float32; queries are taken a few at a time so the scores stay under
+    `SINK_CHUNK_BYTES`. Keys and values are not repeated for grouped-query attention."""
+    b, heads, s, d = q.shape
+    kv_heads, t = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    sink = sinks.float().view(1, kv_heads, group, 1, 1)
+    step = max(1, SINK_CHUNK_BYTES // max(1, b * heads * t * 4))
+    outs = []
+    for a in range(0, s, step):
+        n = min(step, s - a)
+        grouped = q[:, :, a:a + n].reshape(b, kv_heads, group * n, d)
+        scores = (grouped @ k.transpose(-1, -2)).float().view(b, kv_heads, group, n, t) + bias[:, :, None, a:a + n]
+        logits = torch.cat([scores, sink.expand(b, kv_heads, group, n, 1)], dim=-1)
+        probs = logits.softmax(dim=-1)[..., :t].to(v.dtype).reshape(b, kv_heads, group * n, t)
+        outs.append((probs @ v).view(b, heads, n, d))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -85,6 +85,17 @@ class WeightSpec:
 
 
 @dataclass(frozen=True)
+class Derived:
+    """A stored weight cut out of checkpoint tensors that hold more than it (gpt-oss keeps all of a
+    layer's experts in one tensor): `cut(*slabs)` of slab `index` (along the first dimension) of
+    each of `keys`. A reader fetches only those slabs, not the whole tensors."""
+
+    keys: tuple[str, ...]
+    index: int
+    cut: Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
 class StepInputs:
     """Per (token step, batch) tensors shared by every layer of the step.
 
@@ -251,7 +262,8 @@ class Family:
     - `build_layers(spec, first=0, last=None, with_embed=True, with_head=True, sep_layer=True)`: the
       schedule layers of transformer blocks [first, last);
     - `checkpoint_keys(spec)`: every stored weight's name -> the checkpoint keys it may be read from
-      (the first one present wins); a checkpoint lacking one is refused when the model is resolved;
+      (the first one present wins; a `Derived` one is cut from the tensors it names, all present);
+      a checkpoint lacking one is refused when the model is resolved;
     - `flops_per_token(spec, context)`: (block FLOPs, head FLOPs) of one new token attending to
       `context` tokens."""
 
@@ -261,7 +273,7 @@ class Family:
     builtin: Sequence[ModelSpec]
     spec_from_config: Callable[[dict, str], ModelSpec]
     build_layers: Callable[..., list[Layer]]
-    checkpoint_keys: Callable[[ModelSpec], dict[str, tuple[str, ...]]]
+    checkpoint_keys: Callable[[ModelSpec], dict[str, tuple[str | Derived, ...]]]
     flops_per_token: Callable[[ModelSpec, int], tuple[float, float]]
 
 

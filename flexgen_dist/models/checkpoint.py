@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ModelError, ModelSpec
+from .base import Derived, ModelError, ModelSpec
 from .registry import BUILTIN, builtin_spec, family_of, spec_from_dir
 
 
@@ -43,20 +43,21 @@ class CheckpointSource:
     index file naming the shards) or not. Pickled .bin files are loaded with `weights_only`: a
     file that needs anything but tensors and plain containers to unpickle is refused, unrun."""
 
-    def __init__(self, path: str, keys: dict[str, tuple[str, ...]]):
+    def __init__(self, path: str, keys: dict[str, tuple[str | Derived, ...]]):
         """`keys`: every weight the model needs -> the checkpoint keys it may be stored under (the
-        family's map). A weight the checkpoint lacks is refused here, in one line naming its key,
-        before anything is converted."""
+        family's map; a `Derived` entry needs all the keys it names). A weight the checkpoint lacks
+        is refused here, in one line naming its key, before anything is converted."""
         self.path = path
         self._bin_cache: dict[str, dict] = {}
         files = checkpoint_files(path)
-        found = {key: f for f in files for key in self._keys(f)}
-        self._where: dict[str, tuple[str, str]] = {}  # store name -> (file, checkpoint key)
+        self._found = {key: f for f in files for key in self._keys(f)}
+        self._where: dict[str, str | Derived] = {}  # store name -> the checkpoint entry it is read from
         for name, candidates in keys.items():
-            key = next((k for k in candidates if k in found), None)
-            if key is None:
-                raise ModelError(f"checkpoint {path} has no tensor {candidates[0]}: the model's config needs it")
-            self._where[name] = (found[key], key)
+            entry = next((k for k in candidates if all(n in self._found for n in _names_of(k))), None)
+            if entry is None:
+                lacking = next(n for n in _names_of(candidates[0]) if n not in self._found)
+                raise ModelError(f"checkpoint {path} has no tensor {lacking}: the model's config needs it")
+            self._where[name] = entry
         stats = [(os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
         self.fingerprint = "checkpoint:" + hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
 
@@ -72,19 +73,31 @@ class CheckpointSource:
             self._bin_cache[f] = load_bin(f)
         return self._bin_cache[f]
 
+    def _tensor(self, key: str, index: int | None = None) -> torch.Tensor:
+        """Checkpoint tensor `key`, or only its slab `index` along the first dimension."""
+        f = self._found[key]
+        if not f.endswith(".safetensors"):
+            t = self._load_bin(f)[key]
+            return t if index is None else t[index]
+        from safetensors import safe_open
+        with safe_open(f, framework="pt") as st:
+            return st.get_tensor(key) if index is None else st.get_slice(key)[index]
+
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if name not in self._where:
             raise ModelError(f"checkpoint {self.path} has no tensor for {name}")
-        f, key = self._where[name]
-        if f.endswith(".safetensors"):
-            from safetensors import safe_open
-            with safe_open(f, framework="pt") as st:
-                t = st.get_tensor(key)
+        entry = self._where[name]
+        if isinstance(entry, Derived):
+            t, key = entry.cut(*(self._tensor(k, entry.index) for k in entry.keys)), f"{name} (from {entry.keys[0]})"
         else:
-            t = self._load_bin(f)[key]
+            t, key = self._tensor(entry), entry
         if tuple(t.shape) != tuple(shape):
             raise ModelError(f"checkpoint tensor {key} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        return t.to(dtype)
+        return t.to(dtype).contiguous()  # a cut may be a strided view
+
+
+def _names_of(entry: str | Derived) -> tuple[str, ...]:
+    return entry.keys if isinstance(entry, Derived) else (entry,)
 
 
 def checkpoint_files(path: str) -> list[str]:

@@ -8,11 +8,12 @@ import json
 import os
 
 from .base import Family, ModelError, ModelSpec
+from .gpt_oss import FAMILY as GPT_OSS
 from .llama import FAMILY as LLAMA
 from .moe import FAMILY as MOE
 from .opt import FAMILY as OPT
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (OPT, LLAMA, MOE)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (OPT, LLAMA, MOE, GPT_OSS)}
 _BY_MODEL_TYPE = {t: family for family in FAMILIES.values() for t in family.model_types}
 
 BUILTIN: dict[str, ModelSpec] = {s.name: s for family in FAMILIES.values() for s in family.builtin}

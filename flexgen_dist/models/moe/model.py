@@ -46,21 +46,23 @@ def swiglu(h: torch.Tensor, gate, up, down) -> torch.Tensor:
     return linear(F.silu(linear(h, gate)) * linear(h, up), down)
 
 
-def routed_experts(w, h: torch.Tensor, top: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+def routed_experts(w, h: torch.Tensor, top: torch.Tensor, experts: torch.Tensor, num_experts: int,
+                   names: tuple[str, ...], expert) -> torch.Tensor:
     """Sum over each token's experts of weight x expert(token): tokens grouped by expert (no loop
-    over tokens), only the experts some token routes to asked for from `w`."""
+    over tokens), only the experts some token routes to asked for from `w`. Expert `e` is
+    `expert(tokens, *w["experts.e.<name>"] for each of names)`."""
     k = experts.shape[1]
     chosen = experts.reshape(-1)
     order = torch.argsort(chosen, stable=True)  # (token, slot) pairs grouped by expert
     counts = torch.bincount(chosen, minlength=num_experts).tolist()
     used = [e for e, c in enumerate(counts) if c]
-    tensors = take(w, [f"experts.{e}.{p}" for e in used for p in PROJECTIONS])
+    tensors = take(w, [f"experts.{e}.{p}" for e in used for p in names])
     weights, out, start = top.reshape(-1), torch.zeros_like(h), 0
     for e in used:
         pairs = order[start:start + counts[e]]
         start += counts[e]
         tokens = pairs // k
-        y = swiglu(h[tokens], next(tensors), next(tensors), next(tensors))
+        y = expert(h[tokens], *(next(tensors) for _ in names))
         out.index_add_(0, tokens, (y * weights[pairs, None]).to(out.dtype))
     return out
 
@@ -69,7 +71,7 @@ def moe_mlp(w, x: torch.Tensor, inputs, *, spec: MoeSpec) -> torch.Tensor:
     h = rms_norm(x, w["ln.weight"], spec.rms_norm_eps)
     flat = h.reshape(-1, h.shape[-1])
     top, experts = route(flat, w["router"], spec)
-    out = routed_experts(w, flat, top, experts, spec.num_experts)
+    out = routed_experts(w, flat, top, experts, spec.num_experts, PROJECTIONS, swiglu)
     if spec.shared_ffn_dim:
         shared = swiglu(flat, w["shared.gate.weight"], w["shared.up.weight"], w["shared.down.weight"])
         out = out + torch.sigmoid(linear(flat, w["shared_gate"])) * shared
