@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..base import ModelError, eos_ids
 from ..llama.config import rope_fields
-from ..moe.config import MoeSpec
+from ..moe.config import MoeSpec, refuse_bad_top_k
 
 MODEL_TYPES = ("gpt_oss",)
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -50,9 +50,7 @@ def _refuse_variants(config: dict, name: str) -> None:
     if quantization and method not in QUANTIZATIONS:
         raise ModelError(f"{name}: pre-quantized checkpoints ({method}) are not supported "
                          f"(supported: float weights, {', '.join(QUANTIZATIONS)} experts)")
-    experts, k = config.get("num_local_experts"), config.get("num_experts_per_tok", 0)
-    if not experts or not 1 <= k <= experts:
-        raise ModelError(f"{name}: {k} experts per token of {experts} is not a mixture of experts this engine runs")
+    refuse_bad_top_k(config.get("num_local_experts"), config.get("num_experts_per_tok"), name)
 
 
 def spec_from_config(config: dict, name: str) -> GptOssSpec:

@@ -83,8 +83,8 @@ def rotary_tables(inputs: StepInputs, inv_freq: torch.Tensor, dtype: torch.dtype
     if tables is None:
         freqs = inputs.positions[..., None].float() * inv_freq.to(inputs.positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        scale = attention_factor  # yarn's; 1 otherwise
-        tables = inputs.extra["rope"] = ((emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype))
+        tables = inputs.extra["rope"] = ((emb.cos() * attention_factor).to(dtype),  # yarn's factor; 1 otherwise
+                                         (emb.sin() * attention_factor).to(dtype))
     return tables
 
 

@@ -52,10 +52,13 @@ def _refuse_moe_variants(config: dict, name: str) -> None:
             raise ModelError(f"{name}: router {field} {config[field]!r} is not supported (supported: softmax top-k)")
     if config.get("clip_qkv") is not None:
         raise ModelError(f"{name}: clipped q/k/v (clip_qkv) is not supported")
-    experts = config.get("num_local_experts", config.get("num_experts"))
-    if not experts or config.get("num_experts_per_tok", 0) > experts or config.get("num_experts_per_tok", 0) < 1:
-        raise ModelError(f"{name}: {config.get('num_experts_per_tok')} experts per token of {experts} is not "
-                         "a mixture of experts this engine runs")
+    refuse_bad_top_k(config.get("num_local_experts", config.get("num_experts")), config.get("num_experts_per_tok"), name)
+
+
+def refuse_bad_top_k(experts: int | None, k: int | None, name: str) -> None:
+    """ModelError unless each token takes between 1 and all of the experts."""
+    if not experts or not 1 <= (k or 0) <= experts:
+        raise ModelError(f"{name}: {k} experts per token of {experts} is not a mixture of experts this engine runs")
 
 
 def _family_fields(config: dict) -> dict:
