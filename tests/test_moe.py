@@ -209,6 +209,25 @@ def _record_reads_and_routes(monkeypatch) -> list:
     return events
 
 
+def test_padding_is_not_routed_to_experts(checkpoints, tmp_path, monkeypatch):
+    """A left-padded prefill routes only its tokens (`base.over_tokens`): padding would choose
+    experts that are then read and multiplied for nothing. Results still equal transformers'."""
+    from flexgen_dist.models.moe import model as moe_model
+    path, _, ref = checkpoints["qwen2_moe"]
+    spec = spec_from_dir(path)
+    sparse = sum(spec.is_sparse(i) for i in range(spec.num_layers))
+    routed, route = [], moe_model.route
+
+    def recording_route(h, router, spec):
+        routed.append(h.shape[0])
+        return route(h, router, spec)
+    monkeypatch.setattr(moe_model, "route", recording_route)
+    assert_matches(run_engine(path, tmp_path, gpu_batch_size=len(PROMPTS), num_gpu_batches=1), ref)
+    assert max(map(len, PROMPTS)) * len(PROMPTS) > sum(map(len, PROMPTS))  # the batch is padded
+    assert routed[:sparse] == [sum(map(len, PROMPTS))] * sparse
+    assert routed[sparse:] == [len(PROMPTS)] * sparse * (NEW_TOKENS - 1)
+
+
 @pytest.mark.parametrize("overlap", [True, False])
 def test_decode_at_batch_one_reads_only_routed_experts_from_disk(checkpoints, tmp_path, monkeypatch, overlap):
     """Weights on disk (read with O_DIRECT through the store), one sequence, no expert cache: each

@@ -51,7 +51,7 @@ def step_inputs(mask: torch.Tensor, new: int, dtype: torch.dtype, device, target
     visible = causal[None, None] & mask[:, None, None, :]
     bias = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
     return StepInputs(positions.to(device), bias.to(device), start,
-                      None if targets is None else targets.to(device))
+                      None if targets is None else targets.to(device), mask[:, start:].to(device))
 
 
 def pieces(width: int, chunks: int) -> list[tuple[int, int]]:

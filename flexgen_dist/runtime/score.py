@@ -65,7 +65,8 @@ def score_inputs(positions, segments, context, mask, dtype: torch.dtype, device,
     keys = segments[:, None, :]
     visible = causal[None] & mask[:, None, :] & ((keys == segments[:, :, None]) | (keys == context[:, :, None]))
     bias = torch.zeros((len(mask), 1, total, total), dtype=dtype).masked_fill_(~visible[:, None], torch.finfo(dtype).min)
-    return StepInputs(positions.to(device), bias.to(device), 0, targets.to(device) if targets is not None else None)
+    return StepInputs(positions.to(device), bias.to(device), 0, targets.to(device) if targets is not None else None,
+                      mask.to(device))
 
 
 def right_aligned(targets: list[list[int]], width: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ...kernels.attention import attend_with_sinks
 from ...kernels.linear import linear
-from ..base import Derived, Layer, StepInputs, specs
+from ..base import Derived, Layer, StepInputs, over_tokens, specs
 from ..llama.model import (
     attention_entries,
     attention_output,
@@ -87,10 +87,11 @@ def clamped_swiglu(h: torch.Tensor, gate, gate_bias, up, up_bias, down, down_bia
 
 def moe_mlp(w, x: torch.Tensor, inputs, *, spec: GptOssSpec) -> torch.Tensor:
     h = rms_norm(x, w["ln.weight"], spec.rms_norm_eps)
-    flat = h.reshape(-1, h.shape[-1])
-    top, experts = route(flat, w, spec)
     expert = partial(clamped_swiglu, spec=spec)
-    return routed_experts(w, flat, top, experts, spec.num_experts, EXPERT_TENSORS, expert).view_as(x) + x
+
+    def sparse(tokens: torch.Tensor) -> torch.Tensor:
+        return routed_experts(w, tokens, *route(tokens, w, spec), spec.num_experts, EXPERT_TENSORS, expert)
+    return over_tokens(sparse, h.reshape(-1, h.shape[-1]), inputs).view_as(x) + x
 
 
 def _expert_specs(spec: GptOssSpec, i: int, e: int) -> list:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ...kernels.linear import linear
-from ..base import Layer, specs, take
+from ..base import Layer, over_tokens, specs, take
 from ..llama.model import (
     attention_layer,
     layers_with_blocks,
@@ -69,13 +69,17 @@ def routed_experts(w, h: torch.Tensor, top: torch.Tensor, experts: torch.Tensor,
 
 def moe_mlp(w, x: torch.Tensor, inputs, *, spec: MoeSpec) -> torch.Tensor:
     h = rms_norm(x, w["ln.weight"], spec.rms_norm_eps)
-    flat = h.reshape(-1, h.shape[-1])
-    top, experts = route(flat, w["router"], spec)
-    out = routed_experts(w, flat, top, experts, spec.num_experts, PROJECTIONS, swiglu)
+    return over_tokens(partial(sparse_mlp, w, spec=spec), h.reshape(-1, h.shape[-1]), inputs).view_as(x) + x
+
+
+def sparse_mlp(w, tokens: torch.Tensor, *, spec: MoeSpec) -> torch.Tensor:
+    """A sparse block's MLP over normed tokens (tokens, hidden), without the residual."""
+    top, experts = route(tokens, w["router"], spec)
+    out = routed_experts(w, tokens, top, experts, spec.num_experts, PROJECTIONS, swiglu)
     if spec.shared_ffn_dim:
-        shared = swiglu(flat, w["shared.gate.weight"], w["shared.up.weight"], w["shared.down.weight"])
-        out = out + torch.sigmoid(linear(flat, w["shared_gate"])) * shared
-    return out.view_as(x) + x
+        shared = swiglu(tokens, w["shared.gate.weight"], w["shared.up.weight"], w["shared.down.weight"])
+        out = out + torch.sigmoid(linear(tokens, w["shared_gate"])) * shared
+    return out
 
 
 def _expert_specs(spec: MoeSpec, i: int, e: int) -> list:
