@@ -86,15 +86,25 @@ def test_backend_equals_hf_with_grid_exact_4bit_weights(checkpoint, task_dir, tm
     assert_same(got, hf_responses(path, task_dir))
 
 
-def test_planned_scoring_policy_runs(checkpoint, task_dir, reference, tmp_path):
-    """Without a policy the planner plans for the scoring workload (prefill only) and the engine
+def test_planned_scoring_policy_runs(checkpoint, task_dir, reference, tmp_path, monkeypatch):
+    """Without a policy the planner plans for the scoring workload (prefill only), for as many
+    model rows as the requests make (not for a default block of thousands), and the engine
     accepts its plan."""
     if "llama" not in checkpoint[0]:
         pytest.skip("one family is enough for the planner path")
+    from flexgen_dist.cli import eval as backend
+    planned_rows, plan_run = [], backend.plan_run
+
+    def recording_plan_run(ctx, job, *args):
+        planned_rows.append(job.num_prompts)
+        return plan_run(ctx, job, *args)
+    monkeypatch.setattr(backend, "plan_run", recording_plan_run)
     got = evaluate("flexgen", {"pretrained": checkpoint[0], "dtype": "float32", "offload_dir": str(tmp_path)},
                    task_dir, tasks=["fg_mc"])
     for doc_got, doc_ref in zip(got["fg_mc"], reference["fg_mc"]):
         assert [round(r[0][0], 3) for r in doc_got] == pytest.approx([r[0][0] for r in doc_ref], abs=1e-3)
+    requests = sum(map(len, reference["fg_mc"]))
+    assert len(planned_rows) == 1 and 1 <= planned_rows[0] <= requests, (planned_rows, requests)
 
 
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun not installed")

@@ -6,7 +6,8 @@ lm-eval 0.4 has no plugin entry point, so this module registers the `flexgen` ba
 works; `--model flexgen` is added when no `--model` is given). `model_args` keys are the `run`
 command's flags with `_` for `-` (list values joined with `:`), so every engine option is reachable;
 without `percent` (or `policy=manual`) the planner chooses the policy, as in `run`, for the
-workload of the first requests lm-eval sends (prefill-only for scoring).
+workload of the first requests lm-eval sends and as many rows as they make (prefill-only for
+scoring).
 
 Under `mpirun -n N` rank 0 runs lm-eval; every request set it sends is broadcast to the other
 ranks, which serve their pipeline stages until rank 0 is done; results are written once, by rank 0.
@@ -53,9 +54,10 @@ def run_argv(pretrained: str, options: dict) -> list[str]:
     return argv
 
 
-def build_engine(argv: list[str], ctx: DistContext, workload: Workload) -> tuple[Engine, DistContext]:
+def build_engine(argv: list[str], ctx: DistContext, workload: Workload, rows: int) -> tuple[Engine, DistContext]:
     """The engine `run` would build from these flags, planned (unless the policy is given) for
-    `workload`; every rank calls it with the same arguments."""
+    `rows` model rows of `workload` (a block no larger than the requests need; `num_prompts` in
+    `model_args` overrides); every rank calls it with the same arguments."""
     args = parse_args(argv)
     policy = policy_from_args(args)
     engine_config = EngineConfig(**pick(EngineConfig, args)).validate(flag_name)
@@ -64,7 +66,9 @@ def build_engine(argv: list[str], ctx: DistContext, workload: Workload) -> tuple
     engine_config.offload_dir = engine_config.offload_dir.format(rank=ctx.rank, local_rank=ctx.local_rank)
     planner = PlannerConfig(**pick(PlannerConfig, args))
     if plans_policy(planner, args.given):  # a given policy needs no measuring (there is no job to compare)
-        planned = plan_run(ctx, JobConfig(**pick(JobConfig, args)), planner, engine_config, workload.gen_len,
+        job = JobConfig(**pick(JobConfig, args))
+        job.num_prompts = job.num_prompts or rows
+        planned = plan_run(ctx, job, planner, engine_config, workload.gen_len,
                            policy, None, args.given, workload)
         policy = planned.decision.policies[ctx.rank]
         engine_config.stage_layers = planned.decision.stage_layers
@@ -94,11 +98,12 @@ class Session:
     def __init__(self, ctx: DistContext):
         self.ctx, self.engine, self.argv = ctx, None, None
 
-    def call(self, command: tuple, workload: Workload):
-        """Rank 0: send `command` to every rank and run it here; its result."""
+    def call(self, command: tuple, workload: Workload, rows: int):
+        """Rank 0: send `command` (`rows` model rows of `workload`) to every rank and run it here;
+        its result."""
         if self.engine is None:
-            broadcast(self.ctx, ("start", self.argv, workload))
-            self.engine, self.ctx = build_engine(self.argv, self.ctx, workload)
+            broadcast(self.ctx, ("start", self.argv, workload, rows))
+            self.engine, self.ctx = build_engine(self.argv, self.ctx, workload, rows)
         broadcast(self.ctx, command)
         return execute(self.engine, command)
 
@@ -109,7 +114,7 @@ class Session:
             if command[0] == "end":
                 return
             if command[0] == "start":
-                self.engine, self.ctx = build_engine(command[1], self.ctx, command[2])
+                self.engine, self.ctx = build_engine(command[1], self.ctx, *command[2:])
                 continue
             execute(self.engine, command)
 
@@ -168,7 +173,7 @@ class FlexGenLM(TemplateLM):
         units = [row for row, _ in model_rows(rows, self.max_length, cheap=self.cheap)]  # the rows the engine will run
         workload = Workload(max(len(row.tokens) for row in units), 1, scored=max(len(row.targets) for row in units))
         t0 = time.perf_counter()
-        results = self.session.call(("score", pairs), workload)
+        results = self.session.call(("score", pairs), workload, len(units))
         summary("scored", len(pairs), sum(map(len, inputs)), time.perf_counter() - t0)
         for request, result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", request[0], result)
@@ -178,7 +183,8 @@ class FlexGenLM(TemplateLM):
         docs = [self.tok_encode(request.args[0]) for request in requests]
         width = min(self.max_length, max(map(len, docs)))
         t0 = time.perf_counter()
-        results = self.session.call(("rolling", docs, self.prefix_token_id), Workload(width, 1, scored=width))
+        windows = sum(-(-len(doc) // width) for doc in docs)  # at least; each window one model row
+        results = self.session.call(("rolling", docs, self.prefix_token_id), Workload(width, 1, scored=width), windows)
         summary("scored (rolling)", len(docs), sum(map(len, docs)), time.perf_counter() - t0)
         for request, result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood_rolling", (request.args[0],), result)
@@ -195,7 +201,7 @@ class FlexGenLM(TemplateLM):
             prompts = [self.tok_encode(requests[i].args[0])[-limit:] for i in members]
             t0 = time.perf_counter()
             new = self.session.call(("generate", prompts, max_new, dict(options)),
-                                    Workload(max(map(len, prompts)), max_new))
+                                    Workload(max(map(len, prompts)), max_new), len(prompts))
             summary("generated for", len(prompts), sum(map(len, new)), time.perf_counter() - t0)
             for i, tokens in zip(members, new):
                 out[i] = cut_at(self.tokenizer.decode(tokens, skip_special_tokens=True), settings[i][0])
