@@ -3,7 +3,7 @@ lm-eval's `hf` backend and through the `flexgen` backend, same model, same reque
 in one process (one run each after a warm-up call of the same requests).
 
     python benchmark/bench_eval.py --model DIR [--questions 32] [--percent 100:0:100:0:100:0 | auto]
-        [--gpu-batch-size 32] [--num-gpu-batches 2] [--hf-batch-size 16] [--systems hf,flexgen]
+        [--gpu-batch-size 32] [--num-gpu-batches 2] [--hf-batch-size 16] [--cpu-mem GIB] [--systems hf,flexgen]
 
 Systems: `hf` (lm-eval's backend, the model in memory), `hf-offload` (the same with Accelerate's
 `device_map="auto"` and `--hf-max-cpu-memory`, the rest offloaded to disk under `--offload-dir`),
@@ -61,6 +61,8 @@ def build(system: str, args):
     from flexgen_dist.cli.eval import FlexGenLM
     policy = {} if args.percent == "auto" else {"percent": args.percent, "gpu_batch_size": args.gpu_batch_size,
                                                 "num_gpu_batches": args.num_gpu_batches}
+    if args.cpu_mem is not None:  # the planner's memory figure (`--cpu-mem` of `run`)
+        policy["cpu_mem"] = args.cpu_mem
     return FlexGenLM(pretrained=args.model, dtype=args.dtype, offload_dir=args.offload_dir + "/" + system, **policy)
 
 
@@ -74,6 +76,7 @@ def main() -> int:
     p.add_argument("--num-gpu-batches", type=int, default=2)
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--hf-max-cpu-memory", default="256MiB", help="hf-offload: Accelerate's memory for weights")
+    p.add_argument("--cpu-mem", type=float, help="flexgen: GiB of memory the planner may use (default: what it finds)")
     p.add_argument("--offload-dir", default="/tmp/bench_eval_offload")
     p.add_argument("--systems", default="hf,flexgen")
     args = p.parse_args()
