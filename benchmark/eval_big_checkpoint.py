@@ -2,11 +2,11 @@
 through lm-eval (benchmark/RESULTS.md, issue 27); seeded dummy weights in bf16, written by
 `bench_llama.write_checkpoint`.
 
-    python benchmark/eval_big_checkpoint.py SMOLLM2_DIR OUT_DIR [--shape dense-1b | qwen3-moe --layers 8]
+    python benchmark/eval_big_checkpoint.py SMOLLM2_DIR OUT_DIR [--shape dense-1b | qwen3-moe] [--layers N]
 
 dense-1b: a 1.07 B-parameter Llama shape (hidden 2048, 16 layers, 32 query / 8 KV heads, FFN 8192,
 tied embeddings; 2.1 GB). qwen3-moe: Qwen3-30B-A3B's blocks (128 experts of FFN 768, top 8, 32
-query / 4 KV heads of 128) for the first `--layers` of its 48, with SmolLM2's 49152-token vocabulary
+query / 4 KV heads of 128) for the first `--layers` of its 48 (default 8), with SmolLM2's 49152-token vocabulary
 in place of Qwen's (8 layers: 5.0 B parameters, 10 GB).
 SMOLLM2_DIR: a converted SmolLM2 (`python -m flexgen_dist.models.fetch smollm2-135m-instruct DIR`),
 whose tokenizer files are copied."""
@@ -38,8 +38,10 @@ def main() -> None:
     p.add_argument("tokenizer_dir")
     p.add_argument("out")
     p.add_argument("--shape", choices=("dense-1b", "qwen3-moe"), default="dense-1b")
-    p.add_argument("--layers", type=int, default=0, help="only the first N blocks (0: all)")
+    p.add_argument("--layers", type=int, help="only the first N blocks (default: all of dense-1b's, 8 of qwen3-moe's)")
     args = p.parse_args()
+    if args.layers is None:
+        args.layers = 8 if args.shape == "qwen3-moe" else 0
     big = shape(args.shape)
     builtin = models.builtin_spec
     models.builtin_spec = lambda name: big if name == big.name else builtin(name)

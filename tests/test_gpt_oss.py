@@ -11,7 +11,16 @@ import torch
 from conftest import PROMPTS
 from gpt_oss_checkpoints import make_gpt_oss_checkpoint, make_mxfp4_checkpoint
 from llama_checkpoints import reference_generate
-from test_moe import GRID, NEW_TOKENS, PLACEMENTS, SUBSET, _one_line_error, assert_matches, run_engine
+from test_moe import (
+    GRID,
+    NEW_TOKENS,
+    PLACEMENTS,
+    SUBSET,
+    _one_line_error,
+    assert_matches,
+    assert_only_tokens_routed,
+    run_engine,
+)
 from test_pipeline import MPIRUN, run_pipeline_job
 from test_score_shared import QUESTION_A, assert_close, greedy_continuation, requests, transformers_scores
 
@@ -48,6 +57,12 @@ def test_greedy_matches_transformers(checkpoint, placement, tmp_path):
     path, _, ref = checkpoint
     options = dict(PLACEMENTS[placement])
     assert_matches(run_engine(path, tmp_path, options.pop("percent"), **options), ref)
+
+
+def test_padding_is_not_routed_to_experts(checkpoint, tmp_path, monkeypatch):
+    from flexgen_dist.models.gpt_oss import model as gpt_oss_model
+    path, _, ref = checkpoint
+    assert_only_tokens_routed(gpt_oss_model, path, ref, tmp_path, monkeypatch)
 
 
 def test_mxfp4_experts_match_transformers_dequantized(checkpoint, tmp_path):

@@ -209,23 +209,33 @@ def _record_reads_and_routes(monkeypatch) -> list:
     return events
 
 
+def assert_only_tokens_routed(model_module, path, ref, tmp_path, monkeypatch) -> None:
+    """A left-padded prefill (one batch, one chunk) routes only its tokens (`base.over_tokens`):
+    padding would choose experts that are then read and multiplied for nothing. Each decode step
+    routes one token per sequence. Results still equal transformers'."""
+    spec = spec_from_dir(path)
+    sparse = sum(1 for layer in family_of(spec).build_layers(spec) if layer.top_k)
+    routed, route = [], model_module.route
+
+    def recording_route(h, *args):
+        routed.append(h.shape[0])
+        return route(h, *args)
+    monkeypatch.setattr(model_module, "route", recording_route)
+    policy = Policy.from_percent([100, 0, 100, 0, 100, 0], gpu_batch_size=len(PROMPTS), num_gpu_batches=1)
+    engine = Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path, dtype="float32", prefill_chunks=1)
+    try:
+        assert_matches(engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, return_logits=True), ref)
+    finally:
+        engine.close()
+    assert max(map(len, PROMPTS)) * len(PROMPTS) > sum(map(len, PROMPTS))  # the batch is padded
+    assert sparse and routed[:sparse] == [sum(map(len, PROMPTS))] * sparse
+    assert routed[sparse:] == [len(PROMPTS)] * sparse * (NEW_TOKENS - 1)
+
+
 def test_padding_is_not_routed_to_experts(checkpoints, tmp_path, monkeypatch):
-    """A left-padded prefill routes only its tokens (`base.over_tokens`): padding would choose
-    experts that are then read and multiplied for nothing. Results still equal transformers'."""
     from flexgen_dist.models.moe import model as moe_model
     path, _, ref = checkpoints["qwen2_moe"]
-    spec = spec_from_dir(path)
-    sparse = sum(spec.is_sparse(i) for i in range(spec.num_layers))
-    routed, route = [], moe_model.route
-
-    def recording_route(h, router, spec):
-        routed.append(h.shape[0])
-        return route(h, router, spec)
-    monkeypatch.setattr(moe_model, "route", recording_route)
-    assert_matches(run_engine(path, tmp_path, gpu_batch_size=len(PROMPTS), num_gpu_batches=1), ref)
-    assert max(map(len, PROMPTS)) * len(PROMPTS) > sum(map(len, PROMPTS))  # the batch is padded
-    assert routed[:sparse] == [sum(map(len, PROMPTS))] * sparse
-    assert routed[sparse:] == [len(PROMPTS)] * sparse * (NEW_TOKENS - 1)
+    assert_only_tokens_routed(moe_model, path, ref, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("overlap", [True, False])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -28,7 +29,7 @@ from ..dist.failures import fail, stop_watching, watch_for_failures
 from ..dist.group import broadcast, init, shutdown
 from ..engine.engine import Engine
 from ..engine.packing import fill_width, model_rows
-from ..engine.scoring import model_input
+from ..engine.scoring import model_input, rolling_windows
 from ..models.checkpoint import resolve_model
 from ..planning.costmodel import Workload
 from ..planning.plan import plan_run, plans_policy
@@ -67,8 +68,7 @@ def build_engine(argv: list[str], ctx: DistContext, workload: Workload, rows: in
     planner = PlannerConfig(**pick(PlannerConfig, args))
     if plans_policy(planner, args.given):  # a given policy needs no measuring (there is no job to compare)
         job = JobConfig(**pick(JobConfig, args))
-        job.num_prompts = job.num_prompts or rows
-        planned = plan_run(ctx, job, planner, engine_config, workload.gen_len,
+        planned = plan_run(ctx, replace(job, num_prompts=job.num_prompts or rows), planner, engine_config, workload.gen_len,
                            policy, None, args.given, workload)
         policy = planned.decision.policies[ctx.rank]
         engine_config.stage_layers = planned.decision.stage_layers
@@ -93,7 +93,8 @@ def execute(engine: Engine, command: tuple):
 
 class Session:
     """The engine behind the backend on this rank, built at the first command (when the workload
-    to plan for is known) and driven by rank 0's commands."""
+    to plan for is known) and driven by rank 0's commands. It is planned once: later request sets
+    of another kind or size run with the first one's policy."""
 
     def __init__(self, ctx: DistContext):
         self.ctx, self.engine, self.argv = ctx, None, None
@@ -181,10 +182,11 @@ class FlexGenLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         docs = [self.tok_encode(request.args[0]) for request in requests]
-        width = min(self.max_length, max(map(len, docs)))
+        width = max(1, min(self.max_length, max(map(len, docs))))  # (an empty document is refused by the engine)
         t0 = time.perf_counter()
-        windows = sum(-(-len(doc) // width) for doc in docs)  # at least; each window one model row
-        results = self.session.call(("rolling", docs, self.prefix_token_id), Workload(width, 1, scored=width), windows)
+        windows = sum(len(rolling_windows(doc, self.prefix_token_id, self.max_length)) for doc in docs)
+        results = self.session.call(("rolling", docs, self.prefix_token_id), Workload(width, 1, scored=width),
+                                    windows)  # model rows at most: short windows may share one
         summary("scored (rolling)", len(docs), sum(map(len, docs)), time.perf_counter() - t0)
         for request, result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood_rolling", (request.args[0],), result)
@@ -201,7 +203,7 @@ class FlexGenLM(TemplateLM):
             prompts = [self.tok_encode(requests[i].args[0])[-limit:] for i in members]
             t0 = time.perf_counter()
             new = self.session.call(("generate", prompts, max_new, dict(options)),
-                                    Workload(max(map(len, prompts)), max_new), len(prompts))
+                                    Workload(max(map(len, prompts)), max_new), len(requests))
             summary("generated for", len(prompts), sum(map(len, new)), time.perf_counter() - t0)
             for i, tokens in zip(members, new):
                 out[i] = cut_at(self.tokenizer.decode(tokens, skip_special_tokens=True), settings[i][0])

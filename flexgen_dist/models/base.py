@@ -106,7 +106,7 @@ class StepInputs:
     attn_bias: torch.Tensor  # (b, 1, s, start + s) additive mask: 0 where visible, dtype-min elsewhere
     start: int  # index in the KV buffer of the first new token
     targets: torch.Tensor | None = None  # (b, w) scoring: the tokens the last w positions should predict, -1 none
-    tokens: torch.Tensor | None = None  # (b, s) bool: False where a new position is padding (None: none is)
+    is_token: torch.Tensor | None = None  # (b, s) bool: False where a new position is padding (None: none is)
     extra: dict = field(default_factory=dict, compare=False)
 
 
@@ -116,9 +116,9 @@ def over_tokens(fn: Callable[[torch.Tensor], torch.Tensor], flat: torch.Tensor, 
     skipping where a batch is padded (a MoE layer's routed experts: padding would route to experts
     and have them read and multiplied): nothing reads a padding position's output (no query sees
     it as a key, no target follows it)."""
-    if inputs.tokens is None:
+    if inputs.is_token is None:
         return fn(flat)
-    rows = inputs.tokens.reshape(-1).nonzero()[:, 0]
+    rows = inputs.is_token.reshape(-1).nonzero()[:, 0]
     if len(rows) == len(flat):
         return fn(flat)
     out = torch.zeros_like(flat)

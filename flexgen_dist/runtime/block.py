@@ -42,7 +42,8 @@ def unpack(message: torch.Tensor, shape) -> tuple[torch.Tensor, int]:
 
 
 def step_inputs(mask: torch.Tensor, new: int, dtype: torch.dtype, device, targets=None) -> StepInputs:
-    """Positions and the additive attention bias for the last `new` columns of `mask` (and, when
+    """Positions, the additive attention bias and which positions are padding (None where none
+    is: a decode step, an unpadded prefill) for the last `new` columns of `mask` (and, when
     scoring, the target tokens of the last positions: see `StepInputs.targets`)."""
     total = mask.shape[1]
     start = total - new
@@ -51,7 +52,13 @@ def step_inputs(mask: torch.Tensor, new: int, dtype: torch.dtype, device, target
     visible = causal[None, None] & mask[:, None, None, :]
     bias = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
     return StepInputs(positions.to(device), bias.to(device), start,
-                      None if targets is None else targets.to(device), mask[:, start:].to(device))
+                      None if targets is None else targets.to(device), _padding_marks(mask[:, start:], device))
+
+
+def _padding_marks(is_token: torch.Tensor, device) -> torch.Tensor | None:
+    """`StepInputs.is_token`: None where every position holds a token, so the layers that skip
+    padding need not look (on a GPU each look would wait for the device)."""
+    return None if bool(is_token.all()) else is_token.to(device)
 
 
 def pieces(width: int, chunks: int) -> list[tuple[int, int]]:

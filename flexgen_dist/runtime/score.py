@@ -59,7 +59,7 @@ def row_inputs(rows: list[ScoreRow], width: int) -> list[torch.Tensor]:
 def score_inputs(positions, segments, context, mask, dtype: torch.dtype, device, targets) -> StepInputs:
     """Whole-sequence inputs: token q sees token k <= q when k is a token (not padding) of q's own
     segment or of segment `context[q]`. With one segment this is the causal mask
-    `block.step_inputs` makes."""
+    `block.step_inputs` makes. `mask` also marks the padding (`StepInputs.is_token`)."""
     total = mask.shape[1]
     causal = torch.arange(total)[None, :] <= torch.arange(total)[:, None]  # (query, key)
     keys = segments[:, None, :]

@@ -87,11 +87,13 @@ def clamped_swiglu(h: torch.Tensor, gate, gate_bias, up, up_bias, down, down_bia
 
 def moe_mlp(w, x: torch.Tensor, inputs, *, spec: GptOssSpec) -> torch.Tensor:
     h = rms_norm(x, w["ln.weight"], spec.rms_norm_eps)
-    expert = partial(clamped_swiglu, spec=spec)
+    return over_tokens(partial(sparse_mlp, w, spec=spec), h.reshape(-1, h.shape[-1]), inputs).view_as(x) + x
 
-    def sparse(tokens: torch.Tensor) -> torch.Tensor:
-        return routed_experts(w, tokens, *route(tokens, w, spec), spec.num_experts, EXPERT_TENSORS, expert)
-    return over_tokens(sparse, h.reshape(-1, h.shape[-1]), inputs).view_as(x) + x
+
+def sparse_mlp(w, tokens: torch.Tensor, *, spec: GptOssSpec) -> torch.Tensor:
+    """The routed experts over normed tokens (tokens, hidden), without the residual."""
+    expert = partial(clamped_swiglu, spec=spec)
+    return routed_experts(w, tokens, *route(tokens, w, spec), spec.num_experts, EXPERT_TENSORS, expert)
 
 
 def _expert_specs(spec: GptOssSpec, i: int, e: int) -> list:
