@@ -68,8 +68,8 @@ def build_engine(argv: list[str], ctx: DistContext, workload: Workload, rows: in
     planner = PlannerConfig(**pick(PlannerConfig, args))
     if plans_policy(planner, args.given):  # a given policy needs no measuring (there is no job to compare)
         job = JobConfig(**pick(JobConfig, args))
-        planned = plan_run(ctx, replace(job, num_prompts=job.num_prompts or rows), planner, engine_config, workload.gen_len,
-                           policy, None, args.given, workload)
+        job = replace(job, num_prompts=job.num_prompts or rows)
+        planned = plan_run(ctx, job, planner, engine_config, workload.gen_len, policy, None, args.given, workload)
         policy = planned.decision.policies[ctx.rank]
         engine_config.stage_layers = planned.decision.stage_layers
         engine_config.micro_batches = planned.decision.micro_batches

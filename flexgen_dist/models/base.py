@@ -119,8 +119,6 @@ def over_tokens(fn: Callable[[torch.Tensor], torch.Tensor], flat: torch.Tensor, 
     if inputs.is_token is None:
         return fn(flat)
     rows = inputs.is_token.reshape(-1).nonzero()[:, 0]
-    if len(rows) == len(flat):
-        return fn(flat)
     out = torch.zeros_like(flat)
     return out.index_copy_(0, rows, fn(flat[rows])) if len(rows) else out
 

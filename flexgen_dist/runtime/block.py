@@ -52,10 +52,10 @@ def step_inputs(mask: torch.Tensor, new: int, dtype: torch.dtype, device, target
     visible = causal[None, None] & mask[:, None, None, :]
     bias = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
     return StepInputs(positions.to(device), bias.to(device), start,
-                      None if targets is None else targets.to(device), _padding_marks(mask[:, start:], device))
+                      None if targets is None else targets.to(device), padding_marks(mask[:, start:], device))
 
 
-def _padding_marks(is_token: torch.Tensor, device) -> torch.Tensor | None:
+def padding_marks(is_token: torch.Tensor, device) -> torch.Tensor | None:
     """`StepInputs.is_token`: None where every position holds a token, so the layers that skip
     padding need not look (on a GPU each look would wait for the device)."""
     return None if bool(is_token.all()) else is_token.to(device)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.base import SCORE_WIDTH, StepInputs
-from .block import left_pad, pack, unpack
+from .block import left_pad, pack, padding_marks, unpack
 
 
 @dataclass
@@ -66,7 +66,7 @@ def score_inputs(positions, segments, context, mask, dtype: torch.dtype, device,
     visible = causal[None] & mask[:, None, :] & ((keys == segments[:, :, None]) | (keys == context[:, :, None]))
     bias = torch.zeros((len(mask), 1, total, total), dtype=dtype).masked_fill_(~visible[:, None], torch.finfo(dtype).min)
     return StepInputs(positions.to(device), bias.to(device), 0, targets.to(device) if targets is not None else None,
-                      mask.to(device))
+                      padding_marks(mask, device))
 
 
 def right_aligned(targets: list[list[int]], width: int) -> torch.Tensor:
