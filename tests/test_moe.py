@@ -272,6 +272,44 @@ def test_decode_at_batch_one_reads_only_routed_experts_from_disk(checkpoints, tm
         assert read_bytes == spec.num_layers * spec.experts_per_tok * expert_bytes  # of num_experts per layer
 
 
+@pytest.mark.parametrize("act", ["compute", "host"])
+def test_batches_run_together_through_moe_layers(checkpoints, tmp_path, monkeypatch, act):
+    """Activations on the compute device: each MoE layer routes every batch's tokens in one call per
+    step and holds at most the read-ahead window of its disk-homed experts at once (each read once
+    per step, dropped after its use). Activations on the host: one call per batch, and a layer's
+    experts are kept for the next batch. Tokens equal transformers' both ways."""
+    import weakref
+    from flexgen_dist.runtime import executor
+    path, _, ref = checkpoints["olmoe"]
+    spec = spec_from_dir(path)
+    monkeypatch.setattr(executor, "EXPERT_READ_AHEAD", 2)
+    alive, most = [], [0]
+    load = executor.LocalExecutor._load_expert
+
+    def counting_load(self, home):
+        t, moved = load(self, home)
+        alive[:] = [r for r in alive if r() is not None] + [weakref.ref(t)]
+        most[0] = max(most[0], len(alive))
+        return t, moved
+    monkeypatch.setattr(executor.LocalExecutor, "_load_expert", counting_load)
+    events = _record_reads_and_routes(monkeypatch)
+    percent = [0, 0, 100, 0, 100, 0] if act == "compute" else [0, 0, 100, 0, 0, 100]
+    batches = 3
+    prompts = PROMPTS[:3]
+    ids, _ = run_engine(path, tmp_path, percent, prompts=prompts, gpu_batch_size=1, num_gpu_batches=batches,
+                        expert_cache_gib=0)
+    assert torch.equal(ids[:, -NEW_TOKENS:], ref[0][:3, -NEW_TOKENS:])
+    first = events.index(("step",))
+    prefill = events[first + 1:events.index(("step",), first + 1)]
+    routes = [e for e in prefill if e[0] == "route"]
+    expert_reads = [e[1] for e in prefill if e[0] == "read" and ".experts." in e[1]]
+    assert len(routes) == spec.num_layers * (1 if act == "compute" else batches)
+    assert len(expert_reads) == len(set(expert_reads))  # each read once per step, whatever the batches
+    window = 2 + 3  # the read-ahead and the expert being multiplied (its gate, up and down)
+    touched = max(len(e[1]) for e in routes)
+    assert (most[0] <= window) if act == "compute" else (most[0] >= 3 * touched > window)
+
+
 def test_plan_shows_where_the_experts_live(tmp_path):
     """The printed plan (a hand-written machine profile, see test_planner) says how many experts
     each MoE layer has, where they live and how many a block step touches."""
@@ -324,15 +362,21 @@ def test_builtin_specs_round_trip_through_hf_configs():
 
 def test_memory_plan_buffers_one_layer_of_routed_experts():
     """The memory precheck holds two layers' dense disk reads in buffers (the layer in use and the
-    one prefetched) and one layer's experts (read when routed to, freed with the layer's use), not
-    two whole MoE layers."""
+    one prefetched) and, of one layer's experts (read when routed to, freed with the layer's use),
+    the read-ahead window where the batches run together (activations on the compute device), all
+    of them where each batch computes on its own; never two whole MoE layers."""
     from flexgen_dist.core.types import Tier
-    from flexgen_dist.runtime.budget import weight_plan
+    from flexgen_dist.runtime.budget import EXPERT_READ_AHEAD, weight_plan
     spec = builtin_spec("qwen3-30b-a3b")
     layers = family_of(spec).build_layers(spec, 0, 2, with_embed=False, with_head=False)
-    plan = weight_plan(layers, Policy(w_gpu_percent=0, w_cpu_percent=0), torch.bfloat16, host_is_compute=True)
     moe = next(la for la in layers if la.top_k)
     experts = sum(torch.Size(w.shape).numel() * 2 for w in moe.weights if w.expert is not None)
+    one = spec.hidden_size * spec.moe_ffn_dim * 2  # each of an expert's three tensors
     dense = max(sum(torch.Size(w.shape).numel() * 2 for w in la.weights if w.expert is None) for la in layers)
-    assert plan.bytes[Tier.HOST]["routed experts read"] == experts
+    on_disk = Policy(w_gpu_percent=0, w_cpu_percent=0)
+    per_batch = Policy(w_gpu_percent=0, w_cpu_percent=0, act_gpu_percent=0, act_cpu_percent=100)
+    plan = weight_plan(layers, on_disk, torch.bfloat16, host_is_compute=True)
+    assert plan.bytes[Tier.HOST]["routed experts read"] == (EXPERT_READ_AHEAD + 3) * one < experts
+    assert weight_plan(layers, per_batch, torch.bfloat16, host_is_compute=True).bytes[Tier.HOST][
+        "routed experts read"] == experts
     assert plan.bytes[Tier.HOST]["disk read buffers"] == 2 * dense

@@ -103,7 +103,7 @@ class StepInputs:
     layers reuse (e.g. rotary cos/sin tables); the engine never reads it."""
 
     positions: torch.Tensor  # (b, s) position ids of the new tokens
-    attn_bias: torch.Tensor  # (b, 1, s, start + s) additive mask: 0 where visible, dtype-min elsewhere
+    attn_bias: torch.Tensor | None  # (b, 1, s, start + s) additive mask: 0 where visible, dtype-min elsewhere
     start: int  # index in the KV buffer of the first new token
     targets: torch.Tensor | None = None  # (b, w) scoring: the tokens the last w positions should predict, -1 none
     is_token: torch.Tensor | None = None  # (b, s) bool: False where a new position is padding (None: none is)
@@ -181,6 +181,9 @@ class Layer:
     part: str = BLOCK
     block: int = -1
     top_k: int = 0  # routed experts per token (a mixture-of-experts layer; 0: none)
+    # its math treats every position on its own (no attention, no cache, no order): several
+    # batches' positions may go through it as one (`positions_as_one`)
+    per_position: bool = False
 
     @property
     def has_cache(self) -> bool:
@@ -189,6 +192,27 @@ class Layer:
     @property
     def num_experts(self) -> int:
         return len({w.expert for w in self.weights if w.expert is not None})
+
+
+def positions_as_one(xs: Sequence[torch.Tensor], inputs: Sequence[StepInputs]) -> tuple[torch.Tensor, StepInputs]:
+    """Several batches' hidden states ((b, s, d) each) as one row of all their positions
+    (1, sum of b * s, d), with their padding marks, for a `Layer.per_position` layer to compute in
+    one call. The inputs made carry no mask (`attn_bias` None) and no cache place: such a layer
+    reads neither. `split_positions` gives each batch its part of the output."""
+    flat = torch.cat([x.reshape(1, -1, x.shape[-1]) for x in xs], dim=1)
+    marks = None
+    if any(i.is_token is not None for i in inputs):
+        marks = torch.cat([(i.is_token if i.is_token is not None else torch.ones(x.shape[:2], dtype=torch.bool,
+                                                                                   device=x.device)).reshape(1, -1)
+                           for x, i in zip(xs, inputs)], dim=1)
+    positions = torch.cat([i.positions.reshape(1, -1) for i in inputs], dim=1)
+    return flat, StepInputs(positions=positions, attn_bias=None, start=0, is_token=marks)
+
+
+def split_positions(y: torch.Tensor, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`y` (1, sum of b * s, d) from `positions_as_one(xs, ...)` cut back into the batches' shapes."""
+    return [part.view(x.shape[:2] + part.shape[-1:])
+            for part, x in zip(y[0].split([x.shape[0] * x.shape[1] for x in xs]), xs)]
 
 
 def take(weights: Mapping, keys: list[str]) -> Iterator:

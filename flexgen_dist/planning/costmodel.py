@@ -24,7 +24,7 @@ from ..core.compression import compresses
 from ..core.policy import Policy, weight_homes
 from ..core.types import Tier, dtype_name
 from ..models.base import BLOCK, HEAD, Layer
-from ..runtime.budget import cacheable_expert_bytes, expert_cache_bytes
+from ..runtime.budget import cacheable_expert_bytes, expert_cache_bytes, runs_together
 from ..storage.kvcache import kv_token_bytes
 from ..storage.store import stored_nbytes
 from .measure import DECODE_CONTEXT, PREFILL_TOKENS
@@ -126,11 +126,6 @@ def expert_hit_rate(layers: list[Layer], policy: Policy, dtype: torch.dtype, cpu
     return expert_cache_bytes(layers, policy, dtype, cpu) / cacheable if cacheable else 0.0
 
 
-def block_tokens(step: Step, policy: Policy) -> int:
-    """Tokens that pass a layer in one token step of a whole block (every batch)."""
-    return step.rows * step.new * policy.num_gpu_batches
-
-
 def realized_placement(layer: Layer, homes: dict[str, Tier], policy: Policy, dtype: torch.dtype) -> Placement:
     """The fractions the executor really gives this layer: whole tensors go to one tier each,
     `homes` (of the stage's weights, `weight_homes`): a tied weight lives where its first layer put it."""
@@ -143,13 +138,16 @@ def realized_placement(layer: Layer, homes: dict[str, Tier], policy: Policy, dty
 def layer_cost(layer: Layer, step: Step, policy: Policy, place: Placement, dtype: torch.dtype,
                machine: Machine, heads: int, hidden: int) -> dict[str, float]:
     """Seconds per resource for this layer in one token step of a whole block-step (every batch)."""
+    batches = policy.num_gpu_batches
+    if runs_together(layer, policy):  # one call over every batch's positions
+        step, batches = replace(step, rows=step.rows * batches), 1
     per_batch = dict.fromkeys(RESOURCES, 0.0)
     _add(per_batch, _compute(layer, step, place, dtype, machine, heads, policy.compress_weight))
     if layer.has_cache:
         _add(per_batch, _cache_traffic(layer, step, policy, place, dtype, machine))
     _add(per_batch, _activation_traffic(step, policy, dtype, machine, hidden))
-    cost = {k: v * policy.num_gpu_batches for k, v in per_batch.items()}  # every batch does the same
-    _add(cost, _weight_load(layer, policy, place, dtype, machine, block_tokens(step, policy)))  # once per step
+    cost = {k: v * batches for k, v in per_batch.items()}  # every batch does the same
+    _add(cost, _weight_load(layer, policy, place, dtype, machine, step.rows * step.new * batches))  # once per step
     return cost
 
 

@@ -7,6 +7,7 @@ These are the numbers the planner plans with too (`planning/optimizer.py`).
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -31,6 +32,31 @@ MARGIN = 1.05
 # Qwen3-30B-A3B's shape, 8 blocks, batch 16 x 4 under a 5 GiB cgroup was killed for memory with a
 # 1.89 GiB cache and peaked at 3.24 GiB without one (benchmark/RESULTS.md, "With the expert cache")
 CACHE_SHARE = 0.5
+
+
+# routed-expert tensors read ahead of the math in a layer whose batches run together (`runs_together`):
+# a few experts' reads in flight keep the disk busy while one is multiplied
+EXPERT_READ_AHEAD = 24
+
+
+def runs_together(layer: Layer, policy: Policy) -> bool:
+    """Whether the schedule runs every batch of a step through `layer` in one call: a per-position
+    layer with routed experts, where the activations live on the compute device. Each expert is then
+    used once per step, over all the block's tokens routed to it (one product of many rows, not one
+    per batch), and dropped after that use: a layer's disk-homed experts are read a window ahead of
+    the math (`EXPERT_READ_AHEAD`), never all held at once."""
+    return layer.per_position and layer.top_k > 0 and policy.act_tier is Tier.COMPUTE
+
+
+def routed_reads(layer: Layer, policy: Policy, sizes: list[int]) -> int:
+    """Host bytes one use of `layer` holds for the reads of its disk-homed routed experts (`sizes`,
+    stored bytes each): all of them where each batch computes on its own (a large block routes to
+    every expert, and a batch's experts are kept for the next), else the read-ahead window and the
+    expert being multiplied."""
+    if not runs_together(layer, policy):
+        return sum(sizes)
+    per_expert = max(collections.Counter(w.expert for w in layer.weights if w.expert is not None).values())
+    return sum(sorted(sizes, reverse=True)[:EXPERT_READ_AHEAD + per_expert])
 
 
 class NotEnoughMemory(FlexGenError):
@@ -98,13 +124,14 @@ def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is
         return 0 if used_in_place else dense
 
     homes = weight_homes(layers, policy, stored)
-    plan, in_flight, disk_reads, expert_reads, dequantized = Plan(), [], [], [0], 0
+    plan, in_flight, disk_reads, expert_reads, dequantized = Plan(), [], [], [], 0
     for layer in layers:
         moved = disk = 0
+        experts = []
         for w in layer.weights:
             tier, size = homes[w.name], stored(w)
             if tier is Tier.DISK and w.expert is not None:  # read into buffers of its own, when routed to
-                expert_reads[-1] += size
+                experts.append(size)
             elif tier is Tier.DISK:
                 disk += size
             moved += moved_for_use(w, tier)
@@ -112,14 +139,13 @@ def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is
                 dequantized = max(dequantized, torch.Size(w.shape).numel() * _elem(dtype))
         in_flight.append(moved)
         disk_reads.append(disk)
-        expert_reads.append(0)
+        expert_reads.append(routed_reads(layer, policy, experts) if experts else 0)
     sizes = {w.name: stored(w) for layer in layers for w in layer.weights}
     for name, tier in homes.items():
         plan.add(tier, "weights", sizes[name])
     plan.add(Tier.COMPUTE, "weights in flight", 2 * max(in_flight, default=0) + dequantized)
     plan.add(Tier.HOST, "disk read buffers", 2 * max(disk_reads, default=0))
-    # a large block routes to every expert of a layer: one layer's disk-homed experts at a time
-    plan.add(Tier.HOST, "routed experts read", max(expert_reads))
+    plan.add(Tier.HOST, "routed experts read", max(expert_reads, default=0))  # one layer's at a time
     plan.add(Tier.COMPUTE, "expert cache", expert_cache_bytes(layers, policy, dtype, host_is_compute))
     return plan
 
@@ -164,6 +190,10 @@ def memory_left(plan: Plan, compute: torch.device) -> int:
     return int(available / MARGIN) - plan.total(Tier.COMPUTE) - plan.total(Tier.HOST)
 
 
+# hidden-state-sized tensors a layer run over every batch at once holds at its peak (`runs_together`):
+# its input gathered, normed and routed, the sum of its experts' outputs, and its output
+TOGETHER_COPIES = 5
+
 SCRATCH_CACHE = (100.0, 0.0, 0.0)  # a scoring block's keys and values: on the compute device, never stored
 
 
@@ -193,6 +223,8 @@ def block_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, micro_ba
         logits = min(gbs * scored * vocab, max(SCORE_CHUNK, gbs * vocab)) * 4 * 3
     prefill = gbs * prompt_len * (3 * widest * elem + heads * prompt_len * 4) + logits  # query heads' scores
     plan.add(Tier.COMPUTE, "prefill intermediates", prefill)
+    if any(runs_together(layer, policy) for layer in layers):  # every batch's positions in one call:
+        plan.add(Tier.COMPUTE, "batches run together", TOGETHER_COPIES * rows * prompt_len * hidden * elem)
     return plan
 
 

@@ -27,14 +27,14 @@ from ..kernels.linear import (
 )
 from ..kernels.probe import Int4Choice
 from ..kernels.quantize import CompressedTensor
-from ..models.base import Layer, StepInputs, only_multiplied
+from ..models.base import Layer, StepInputs, only_multiplied, positions_as_one, split_positions
 from ..storage.activations import ActivationStore
 from ..storage.devices import Devices, to_device
 from ..storage.homes import WeightHome, WeightSource, reaches_math_packed
 from ..storage.kvcache import KVCache
 from ..system.io import ReadSlab
 from ..system.limits import share_one_allocator_arena, trim_allocator
-from .budget import SCRATCH_CACHE
+from .budget import EXPERT_READ_AHEAD, SCRATCH_CACHE, runs_together
 from .expertcache import ExpertCache
 
 IO_THREADS = 4
@@ -71,23 +71,43 @@ class LayerWeights(Mapping):
     loaded up front; routed experts' (`WeightSpec.expert`) loaded the first time the math asks for
     them (`models.base.take`, after routing), so an expert no token of the block uses is never read.
     Experts asked for together are read in the background, and each is handed over as soon as its
-    own read is done: the math computes the first expert while the next ones are still read."""
+    own read is done: the math computes the first expert while the next ones are still read.
 
-    def __init__(self, tensors: dict, lazy: dict[str, WeightHome], load):
-        """`load(homes)` -> one future per home of (tensor, bytes it moved onto the compute tier)."""
+    `read_ahead` (a layer whose batches run together: each expert is asked for once): an expert's
+    tensor is handed over and not kept, and at most `read_ahead` loads are in flight or waiting to
+    be taken, so the layer's experts are never all in memory at once."""
+
+    def __init__(self, tensors: dict, lazy: dict[str, WeightHome], load, read_ahead: int | None = None,
+                 release=None):
+        """`load(homes)` -> one future per home of (tensor, bytes it moved onto the compute tier);
+        `release(bytes)`: a handed-over tensor's moved bytes are given up (with `read_ahead`)."""
         self.tensors, self.lazy, self._load = tensors, lazy, load
+        self.read_ahead, self._release = read_ahead, release
         self.pending: dict[str, Future] = {}
-        self._moved = 0
+        self.queued: list[str] = []  # asked for, not yet started (beyond the read-ahead)
+        self._moved = 0  # moved bytes still held by this use
+        self._handed = 0  # moved bytes of the last tensor handed over and not kept (read_ahead)
 
     def __getitem__(self, key: str):
-        if key not in self.tensors:
-            if key not in self.lazy:
-                raise KeyError(key)
-            self.prefetch([key])
-            tensor, moved = self.pending.pop(key).result()
+        if key in self.tensors:
+            return self.tensors[key]
+        if key not in self.lazy:
+            raise KeyError(key)
+        if key not in self.pending:
+            if key in self.queued:
+                self.queued.remove(key)
+            self.pending[key] = self._load([self.lazy[key]])[0]
+        tensor, moved = self.pending.pop(key).result()
+        if self.read_ahead is None:
             self.tensors[key] = tensor
             self._moved += moved
-        return self.tensors[key]
+            return tensor
+        # the tensor handed over before is taken as used up (the math asks for an expert's tensors
+        # together and multiplies them before asking for the next expert's)
+        self._release(self._handed)
+        self._handed = moved
+        self._start_queued()
+        return tensor
 
     def __iter__(self):
         return iter(dict.fromkeys([*self.tensors, *self.lazy]))
@@ -96,18 +116,26 @@ class LayerWeights(Mapping):
         return len(dict.fromkeys([*self.tensors, *self.lazy]))
 
     def prefetch(self, keys: list[str]) -> None:
-        """Start loading every key of `keys` not loaded or loading yet, in that order."""
-        missing = [k for k in dict.fromkeys(keys) if k in self.lazy and k not in self.tensors and k not in self.pending]
-        if missing:
-            self.pending.update(zip(missing, self._load([self.lazy[k] for k in missing])))
+        """Start loading every key of `keys` not loaded or loading yet, in that order (within the
+        read-ahead: the rest when earlier ones are taken)."""
+        waiting = {*self.tensors, *self.pending, *self.queued}
+        self.queued += [k for k in dict.fromkeys(keys) if k in self.lazy and k not in waiting]
+        self._start_queued()
+
+    def _start_queued(self) -> None:
+        room = len(self.queued) if self.read_ahead is None else max(self.read_ahead - len(self.pending), 0)
+        start, self.queued = self.queued[:room], self.queued[room:]
+        if start:
+            self.pending.update(zip(start, self._load([self.lazy[k] for k in start])))
 
     @property
     def moved_bytes(self) -> int:
-        """Bytes the experts' loads moved onto the compute tier; loads still in flight are waited
-        for (and counted), so none is left running or uncounted after the layer's use."""
-        for key in list(self.pending):
-            self[key]
-        return self._moved
+        """Bytes the experts' loads moved onto the compute tier that this use still holds; loads
+        asked for are waited for (and counted), so none is left running or uncounted after the
+        layer's use."""
+        while self.pending or self.queued:
+            self[next(iter(self.pending or self.queued))]
+        return self._moved + self._handed
 
 
 @dataclass
@@ -126,6 +154,7 @@ class LocalExecutor:
         self.int4 = int4
         share_one_allocator_arena()
         self.homes = self._place_weights(store)
+        self._together = [runs_together(layer, policy) for layer in layers]
         self._ready_layers = [all(self.homes[w.name].used_as_is(devices) for w in layer.weights if w.expert is None)
                               for layer in layers]
         self._slabs = self._read_slabs(store)
@@ -228,7 +257,9 @@ class LocalExecutor:
         moved = sum(t.nbytes for t, home in zip(loaded, homes) if t is not home.value and not in_slab(t))
         self.devices.usage[Tier.COMPUTE].add(moved)
         lazy = {w.key: self.homes[w.name] for w in self.layers[j].weights if w.expert is not None}
-        return LoadedWeights(LayerWeights(tensors, lazy, self._load_experts), moved)
+        read_ahead = EXPERT_READ_AHEAD if self._together[j] else None
+        return LoadedWeights(LayerWeights(tensors, lazy, self._load_experts, read_ahead,
+                                          self.devices.usage[Tier.COMPUTE].sub), moved)
 
     def _load_experts(self, homes: list[WeightHome]) -> list[Future]:
         """Experts' tensors on the compute device, one future each of (tensor, bytes moved onto the
@@ -272,36 +303,54 @@ class LocalExecutor:
         jobs = [(j, k) for j in range(num_layers) for k in range(n)]
         cached_jobs = [job for job in jobs if job in caches]
         kv_loads = {cached_jobs[0]: self._submit_kv_load(cached_jobs[0], inputs, caches)} if cached_jobs else {}
-        for j, k in jobs:
-            if k == 0:
-                weights = self._wait(self._next_weights or self._submit_weights(j))
-                self._next_weights = None
-                if self.policy.overlap:  # the next layer's weights (layer 0 of the next step at the end)
-                    self._next_weights = self._submit_weights((j + 1) % num_layers)
-            kv = None
-            if (j, k) in caches:
-                kv = self._wait(kv_loads.pop((j, k)))
-                following = cached_jobs.index((j, k)) + 1
-                if following < len(cached_jobs):
-                    job = cached_jobs[following]
-                    kv_loads[job] = self._submit_kv_load(job, inputs, caches)
-            t0 = time.perf_counter()
-            args = (weights.tensors, self.acts.get(k), inputs[k]) + ((kv,) if kv is not None else ())
-            self.acts.put(k, self.layers[j].forward(*args))
-            self.timers.compute += time.perf_counter() - t0
-            if kv is not None:
-                start, end = inputs[k].start, inputs[k].start + inputs[k].positions.shape[1]
-                cache = caches[(j, k)]  # keyed by the cache: every micro-batch has its own
-                if not cache.in_place:  # (an in-place cache was written by the layer itself)
-                    self._pending_stores[cache] = self.io.submit(cache.store, kv, start, end)
-            if k == n - 1:
-                self.devices.usage[Tier.COMPUTE].sub(weights.moved_bytes)
-                del weights
+        for j in range(num_layers):
+            weights = self._wait(self._next_weights or self._submit_weights(j))
+            self._next_weights = None
+            if self.policy.overlap:  # the next layer's weights (layer 0 of the next step at the end)
+                self._next_weights = self._submit_weights((j + 1) % num_layers)
+            if self._together[j]:
+                self._compute_together(j, weights.tensors, inputs)
+            else:
+                for k in range(n):
+                    self._compute_batch(j, k, weights.tensors, inputs, caches, kv_loads, cached_jobs)
+            self.devices.usage[Tier.COMPUTE].sub(weights.moved_bytes)
+            del weights
         outputs = [self.acts.get(k) for k in range(n)]
         for k in range(n):
             self.acts.drop(k)
         trim_allocator()
         return outputs
+
+    def _compute_batch(self, j: int, k: int, weights: LayerWeights, inputs: list[StepInputs],
+                       caches: dict[tuple[int, int], KVCache], kv_loads: dict, cached_jobs: list) -> None:
+        """Layer j over batch k: its KV cache waited for (and the next one's load started), the
+        new keys and values stored in the background."""
+        kv = None
+        if (j, k) in caches:
+            kv = self._wait(kv_loads.pop((j, k)))
+            following = cached_jobs.index((j, k)) + 1
+            if following < len(cached_jobs):
+                job = cached_jobs[following]
+                kv_loads[job] = self._submit_kv_load(job, inputs, caches)
+        t0 = time.perf_counter()
+        args = (weights, self.acts.get(k), inputs[k]) + ((kv,) if kv is not None else ())
+        self.acts.put(k, self.layers[j].forward(*args))
+        self.timers.compute += time.perf_counter() - t0
+        if kv is not None:
+            start, end = inputs[k].start, inputs[k].start + inputs[k].positions.shape[1]
+            cache = caches[(j, k)]  # keyed by the cache: every micro-batch has its own
+            if not cache.in_place:  # (an in-place cache was written by the layer itself)
+                self._pending_stores[cache] = self.io.submit(cache.store, kv, start, end)
+
+    def _compute_together(self, j: int, weights: LayerWeights, inputs: list[StepInputs]) -> None:
+        """Layer j over every batch's positions in one call (`budget.runs_together`)."""
+        xs = [self.acts.get(k) for k in range(len(inputs))]
+        t0 = time.perf_counter()
+        x, merged = positions_as_one(xs, inputs)
+        parts = split_positions(self.layers[j].forward(weights, x, merged), xs)
+        self.timers.compute += time.perf_counter() - t0
+        for k, part in enumerate(parts):
+            self.acts.put(k, part)
 
     def _submit_kv_load(self, job, inputs, caches) -> Future:
         _, k = job

@@ -116,7 +116,8 @@ def _block(spec: GptOssSpec, i: int, inv_freq: torch.Tensor) -> list[Layer]:
         ("router", "mlp.router.weight", (spec.num_experts, spec.hidden_size), False, True),
         ("router_bias", "mlp.router.bias", (spec.num_experts,), False, False, "zeros")]
     weights = specs(f"layers.{i}.", dense) + [w for e in range(spec.num_experts) for w in _expert_specs(spec, i, e)]
-    return [attn, Layer(f"moe.{i}", weights, partial(moe_mlp, spec=spec), block=i, top_k=spec.experts_per_tok)]
+    return [attn, Layer(f"moe.{i}", weights, partial(moe_mlp, spec=spec), block=i,
+                        top_k=spec.experts_per_tok, per_position=True)]
 
 
 def build_layers(spec: GptOssSpec, first: int = 0, last: int | None = None,

@@ -111,7 +111,8 @@ def _block(spec: MoeSpec, i: int, inv_freq: torch.Tensor) -> list[Layer]:
         return [attn, mlp_layer(spec, i, spec.ffn_dim)]
     weights = specs(f"layers.{i}.", moe_entries(spec))
     weights += [w for e in range(spec.num_experts) for w in _expert_specs(spec, i, e)]
-    return [attn, Layer(f"moe.{i}", weights, partial(moe_mlp, spec=spec), block=i, top_k=spec.experts_per_tok)]
+    return [attn, Layer(f"moe.{i}", weights, partial(moe_mlp, spec=spec), block=i,
+                        top_k=spec.experts_per_tok, per_position=True)]
 
 
 def build_layers(spec: MoeSpec, first: int = 0, last: int | None = None,
