@@ -187,7 +187,8 @@ def test_cache_is_counted_in_the_memory_budget(monkeypatch):
                               torch.bfloat16, True)
     assert huge.bytes[Tier.COMPUTE]["expert cache"] == cacheable
     without = budget.weight_plan(layers, disk, torch.bfloat16, True)
-    monkeypatch.setattr(budget, "host_available", lambda: (int(without.total(Tier.HOST) * 1.2), "test"))
+    fits = int((without.total(Tier.COMPUTE) + without.total(Tier.HOST)) * 1.2)  # a CPU: both are its RAM
+    monkeypatch.setattr(budget, "host_available", lambda: (fits, "test"))
     budget.check_memory(without, torch.device("cpu"), "the weights")
     with pytest.raises(budget.NotEnoughMemory, match="expert cache 0.50"):
         budget.check_memory(plan, torch.device("cpu"), "the weights")

@@ -272,6 +272,47 @@ def test_decode_at_batch_one_reads_only_routed_experts_from_disk(checkpoints, tm
         assert read_bytes == spec.num_layers * spec.experts_per_tok * expert_bytes  # of num_experts per layer
 
 
+def test_cpu_plan_counts_the_experts_kernels(checkpoints):
+    """On a CPU the memory plan counts oneDNN's kernels for the experts' product shapes: 128 of the
+    largest expert tensor, at most 3/8 GiB (Qwen3-30B-A3B's 3 MiB tensors reach it); none on a GPU
+    or without routed experts."""
+    from flexgen_dist.core.types import Tier
+    from flexgen_dist.runtime.budget import EXPERT_KERNELS_MAX, weight_plan
+    on_disk = Policy(w_gpu_percent=0, w_cpu_percent=0)
+    kernels = {}
+    for name in ("qwen3-30b-a3b", "mixtral-8x7b", "olmoe-1b-7b"):
+        spec = builtin_spec(name)
+        layers = family_of(spec).build_layers(spec, 0, 1, with_embed=False, with_head=False)
+        kernels[name] = weight_plan(layers, on_disk, torch.bfloat16, True).bytes[Tier.COMPUTE]["expert kernels"]
+        assert "expert kernels" not in weight_plan(layers, on_disk, torch.bfloat16, False).bytes[Tier.COMPUTE]
+    assert kernels["qwen3-30b-a3b"] == 128 * 2048 * 768 * 2 == EXPERT_KERNELS_MAX
+    assert kernels["mixtral-8x7b"] == EXPERT_KERNELS_MAX
+    assert kernels["olmoe-1b-7b"] == EXPERT_KERNELS_MAX  # 4 MiB tensors
+    tiny = spec_from_dir(checkpoints["olmoe"][0])  # a test checkpoint's experts: in proportion
+    layers = family_of(tiny).build_layers(tiny, 0, 1, with_embed=False, with_head=False)
+    assert weight_plan(layers, on_disk, torch.float32, True).bytes[Tier.COMPUTE]["expert kernels"] == \
+        128 * tiny.hidden_size * tiny.moe_ffn_dim * 4
+    dense = builtin_spec("smollm2-135m")
+    layers = family_of(dense).build_layers(dense, 0, 1)
+    assert weight_plan(layers, on_disk, torch.bfloat16, True).bytes[Tier.COMPUTE].get("expert kernels", 0) == 0
+
+
+@pytest.mark.parametrize("preset", [None, "7"])
+def test_onednn_primitive_cache_is_held_unless_set(preset):
+    """Importing the package holds oneDNN's primitive cache to 128 entries (a MoE fills the default
+    1024 with memory no budget counts); a capacity the user set is kept."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if preset:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = preset
+    out = subprocess.run([sys.executable, "-c", "import os, flexgen_dist; "
+                          "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == (preset or "128")
+
+
 @pytest.mark.parametrize("act", ["compute", "host"])
 def test_batches_run_together_through_moe_layers(checkpoints, tmp_path, monkeypatch, act):
     """Activations on the compute device: each MoE layer routes every batch's tokens in one call per

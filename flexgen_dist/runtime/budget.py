@@ -28,6 +28,23 @@ from ..system.limits import host_available, require_disk_space
 MARGIN = 1.05
 
 
+# host memory a CPU run of a mixture of experts takes beyond the bytes counted: oneDNN's kernels for
+# the many row counts the experts' products have (0.25 GiB after one block of Qwen3-30B-A3B's shape,
+# its primitive cache held to 128: see flexgen_dist/__init__.py) and the allocator's slack over the
+# experts' reads. Measured there as 128 of its 3 MiB expert tensors; taken in proportion for smaller
+# experts and at most that for larger ones (benchmark/RESULTS.md, "Scoring a mixture of experts
+# larger than memory")
+EXPERT_KERNELS, EXPERT_KERNELS_MAX = 128, 3 * GiB // 8
+
+
+def expert_kernel_bytes(layers: list[Layer], dtype: torch.dtype) -> int:
+    """`EXPERT_KERNELS` of the largest routed-expert tensor (as the math uses it), at most
+    `EXPERT_KERNELS_MAX`; 0 without routed experts."""
+    largest = max((torch.Size(w.shape).numel() for la in layers for w in la.weights if w.expert is not None),
+                  default=0)
+    return min(EXPERT_KERNELS * largest * _elem(dtype), EXPERT_KERNELS_MAX)
+
+
 # the share of the memory a plan leaves that an unsized expert cache takes. All of it was too much:
 # Qwen3-30B-A3B's shape, 8 blocks, batch 16 x 4 under a 5 GiB cgroup was killed for memory with a
 # 1.89 GiB cache and peaked at 3.24 GiB without one (benchmark/RESULTS.md, "With the expert cache")
@@ -147,6 +164,8 @@ def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is
     plan.add(Tier.HOST, "disk read buffers", 2 * max(disk_reads, default=0))
     plan.add(Tier.HOST, "routed experts read", max(expert_reads, default=0))  # one layer's at a time
     plan.add(Tier.COMPUTE, "expert cache", expert_cache_bytes(layers, policy, dtype, host_is_compute))
+    if host_is_compute:
+        plan.add(Tier.COMPUTE, "expert kernels", expert_kernel_bytes(layers, dtype))
     return plan
 
 
