@@ -200,9 +200,11 @@ def test_cache_is_counted_in_the_memory_budget(monkeypatch):
 def test_4bit_experts_multiplied_from_codes_are_not_counted_dense_in_flight():
     """Weights an int4 kernel multiplies from their codes are never dequantized whole: the budget
     counts no dense copy of a layer's routed experts in flight (on a CPU they are used where they
-    are read; for a GPU they are copied packed), so that memory goes to the expert cache."""
+    are read; for a GPU they are copied packed), so that memory goes to the expert cache. (With
+    each batch on its own, a layer's experts are all in flight; run together, the read-ahead's.)"""
     layers = _qwen3_layers()
-    policy = Policy(w_gpu_percent=0, w_cpu_percent=0, compress_weight=True)
+    per_batch = dict(act_gpu_percent=0, act_cpu_percent=100)
+    policy = Policy(w_gpu_percent=0, w_cpu_percent=0, compress_weight=True, **per_batch)
     dense_experts = sum(torch.Size(w.shape).numel() * 2 for w in layers[1].weights if w.expert is not None)
     packed_experts = sum(budget.stored_nbytes(w, torch.bfloat16, policy.weight_compression())
                          for w in layers[1].weights if w.expert is not None)
@@ -211,8 +213,11 @@ def test_4bit_experts_multiplied_from_codes_are_not_counted_dense_in_flight():
         return budget.weight_plan(layers, pol, torch.bfloat16, cpu, kernel).bytes[Tier.COMPUTE]["weights in flight"]
     assert in_flight(True, False) >= 2 * dense_experts  # dequantized whole for each use
     assert in_flight(True, True) < packed_experts / 2  # at most their scales turned to the feed's dtype
-    host = Policy(w_gpu_percent=0, w_cpu_percent=100, compress_weight=True)
+    host = Policy(w_gpu_percent=0, w_cpu_percent=100, compress_weight=True, **per_batch)
     assert 2 * packed_experts <= in_flight(False, True, host) < 2 * dense_experts / 3  # copied packed
+    together = Policy(w_gpu_percent=0, w_cpu_percent=0, compress_weight=True)
+    one_expert = dense_experts // layers[1].num_experts
+    assert in_flight(True, False, together) == 2 * (budget.EXPERT_READ_AHEAD + 1) * one_expert
 
 
 def test_the_engine_budgets_4bit_experts_as_its_int4_choice_multiplies_them(olmoe, tmp_path, monkeypatch):

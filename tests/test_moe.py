@@ -3,7 +3,11 @@ Qwen3-MoE, OLMoE): greedy tokens identical to transformers' float32 generate and
 atol = rtol = 1e-4 on the placement matrix, on 1 and 2 pipeline ranks, and with 4-bit weights on
 the grid; bad MoE checkpoints refused in one line."""
 import json
+import os
 import shutil
+import subprocess
+import sys
+import weakref
 
 import pytest
 import torch
@@ -272,6 +276,25 @@ def test_decode_at_batch_one_reads_only_routed_experts_from_disk(checkpoints, tm
         assert read_bytes == spec.num_layers * spec.experts_per_tok * expert_bytes  # of num_experts per layer
 
 
+def test_block_plan_counts_a_layer_run_together_at_its_widest():
+    """A MoE layer run over every batch at once holds its widest products (Qwen1.5-MoE's shared
+    expert, 5632 wide) for all of a micro-batch group's tokens, besides a few hidden-state copies;
+    the same for any number of pipeline micro-batches (one group runs at a time); nothing where
+    each batch runs on its own."""
+    from flexgen_dist.core.types import Tier
+    from flexgen_dist.runtime.budget import TOGETHER_COPIES, block_plan
+    spec = builtin_spec("qwen1.5-moe-a2.7b")
+    layers = family_of(spec).build_layers(spec, 0, 1, with_embed=False, with_head=False)
+
+    def entry(micro_batches, **policy):
+        plan = block_plan(layers, Policy(gpu_batch_size=64, num_gpu_batches=8, **policy), torch.bfloat16,
+                          micro_batches, 128, 128, spec.hidden_size, spec.vocab_size, spec.num_heads)
+        return plan.bytes[Tier.COMPUTE].get("batches run together", 0)
+    tokens = 64 * 8 * 128
+    assert entry(1) == entry(4) == tokens * (TOGETHER_COPIES * spec.hidden_size + 3 * spec.shared_ffn_dim) * 2
+    assert entry(1, act_gpu_percent=0, act_cpu_percent=100) == 0
+
+
 def test_cpu_plan_counts_the_experts_kernels(checkpoints):
     """On a CPU the memory plan counts oneDNN's kernels for the experts' product shapes: 128 of the
     largest expert tensor, at most 3/8 GiB (Qwen3-30B-A3B's 3 MiB tensors reach it); none on a GPU
@@ -301,9 +324,6 @@ def test_cpu_plan_counts_the_experts_kernels(checkpoints):
 def test_onednn_primitive_cache_is_held_unless_set(preset):
     """Importing the package holds oneDNN's primitive cache to 128 entries (a MoE fills the default
     1024 with memory no budget counts); a capacity the user set is kept."""
-    import os
-    import subprocess
-    import sys
     env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
     if preset:
         env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = preset
@@ -318,12 +338,11 @@ def test_batches_run_together_through_moe_layers(checkpoints, tmp_path, monkeypa
     """Activations on the compute device: each MoE layer routes every batch's tokens in one call per
     step and holds at most the read-ahead window of its disk-homed experts at once (each read once
     per step, dropped after its use). Activations on the host: one call per batch, and a layer's
-    experts are kept for the next batch. Tokens equal transformers' both ways."""
-    import weakref
+    experts are kept for the next batch. Tokens and logits equal transformers' both ways."""
     from flexgen_dist.runtime import executor
     path, _, ref = checkpoints["olmoe"]
     spec = spec_from_dir(path)
-    monkeypatch.setattr(executor, "EXPERT_READ_AHEAD", 2)
+    monkeypatch.setattr(executor, "EXPERT_READ_AHEAD", 1)
     alive, most = [], [0]
     load = executor.LocalExecutor._load_expert
 
@@ -335,20 +354,46 @@ def test_batches_run_together_through_moe_layers(checkpoints, tmp_path, monkeypa
     monkeypatch.setattr(executor.LocalExecutor, "_load_expert", counting_load)
     events = _record_reads_and_routes(monkeypatch)
     percent = [0, 0, 100, 0, 100, 0] if act == "compute" else [0, 0, 100, 0, 0, 100]
-    batches = 3
-    prompts = PROMPTS[:3]
-    ids, _ = run_engine(path, tmp_path, percent, prompts=prompts, gpu_batch_size=1, num_gpu_batches=batches,
-                        expert_cache_gib=0)
-    assert torch.equal(ids[:, -NEW_TOKENS:], ref[0][:3, -NEW_TOKENS:])
+    batches = len(PROMPTS)
+    assert_matches(run_engine(path, tmp_path, percent, gpu_batch_size=1, num_gpu_batches=batches,
+                              expert_cache_gib=0), ref)
     first = events.index(("step",))
     prefill = events[first + 1:events.index(("step",), first + 1)]
     routes = [e for e in prefill if e[0] == "route"]
     expert_reads = [e[1] for e in prefill if e[0] == "read" and ".experts." in e[1]]
     assert len(routes) == spec.num_layers * (1 if act == "compute" else batches)
     assert len(expert_reads) == len(set(expert_reads))  # each read once per step, whatever the batches
-    window = 2 + 3  # the read-ahead and the expert being multiplied (its gate, up and down)
+    window = (1 + 1) * 3  # the read-ahead and the expert being multiplied, 3 tensors each
     touched = max(len(e[1]) for e in routes)
     assert (most[0] <= window) if act == "compute" else (most[0] >= 3 * touched > window)
+
+
+def test_read_ahead_gives_back_each_experts_bytes_once_used():
+    """With read-ahead, an expert's moved bytes are held while its tensors are in use (until a tensor
+    of another expert is taken), at most the window's loads run at once, and `release` returns what
+    is still held, dropping loads never started: the compute tier's count ends where it began."""
+    from concurrent.futures import Future
+    from flexgen_dist.runtime.executor import LayerWeights
+    started, given_back = [], []
+
+    def load(homes):
+        started.extend(homes)
+        futures = [Future() for _ in homes]
+        for f, home in zip(futures, homes):
+            f.set_result((torch.zeros(1), 10))
+        return futures
+    keys = [f"experts.{e}.{p}" for e in range(4) for p in ("gate", "up", "down")]
+    weights = LayerWeights({}, {k: k for k in keys}, load, {k: int(k.split(".")[1]) for k in keys},
+                           read_ahead=3, release_bytes=given_back.append)
+    weights.prefetch(keys)
+    assert len(started) == 3
+    for k in keys[:3]:
+        weights[k]
+    assert sum(given_back) == 0 and len(started) == 6  # expert 0 in hand, 3 loads ahead
+    weights[keys[3]]
+    assert sum(given_back) == 30  # expert 0 used up
+    assert weights.release() == 10 + 30  # expert 1's first tensor in hand, the 3 loads ahead waited for
+    assert len(started) == 7 and sum(given_back) + 40 == 7 * 10  # the rest never read
 
 
 def test_plan_shows_where_the_experts_live(tmp_path):
@@ -417,7 +462,12 @@ def test_memory_plan_buffers_one_layer_of_routed_experts():
     on_disk = Policy(w_gpu_percent=0, w_cpu_percent=0)
     per_batch = Policy(w_gpu_percent=0, w_cpu_percent=0, act_gpu_percent=0, act_cpu_percent=100)
     plan = weight_plan(layers, on_disk, torch.bfloat16, host_is_compute=True)
-    assert plan.bytes[Tier.HOST]["routed experts read"] == (EXPERT_READ_AHEAD + 3) * one < experts
+    assert plan.bytes[Tier.HOST]["routed experts read"] == (EXPERT_READ_AHEAD + 1) * 3 * one < experts
     assert weight_plan(layers, per_batch, torch.bfloat16, host_is_compute=True).bytes[Tier.HOST][
         "routed experts read"] == experts
+    # on a GPU each use copies the experts over: the window of them in flight, or every one
+    gpu = weight_plan(layers, on_disk, torch.bfloat16, host_is_compute=False).bytes[Tier.COMPUTE]
+    assert gpu["weights in flight"] < 2 * (EXPERT_READ_AHEAD + 2) * 3 * one < experts
+    gpu = weight_plan(layers, per_batch, torch.bfloat16, host_is_compute=False).bytes[Tier.COMPUTE]
+    assert gpu["weights in flight"] >= 2 * experts
     assert plan.bytes[Tier.HOST]["disk read buffers"] == 2 * dense

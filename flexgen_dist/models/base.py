@@ -202,16 +202,21 @@ def positions_as_one(xs: Sequence[torch.Tensor], inputs: Sequence[StepInputs]) -
     flat = torch.cat([x.reshape(1, -1, x.shape[-1]) for x in xs], dim=1)
     marks = None
     if any(i.is_token is not None for i in inputs):
-        marks = torch.cat([(i.is_token if i.is_token is not None else torch.ones(x.shape[:2], dtype=torch.bool,
-                                                                                   device=x.device)).reshape(1, -1)
-                           for x, i in zip(xs, inputs)], dim=1)
+        marks = torch.cat([_token_marks(x, i).reshape(1, -1) for x, i in zip(xs, inputs)], dim=1)
     positions = torch.cat([i.positions.reshape(1, -1) for i in inputs], dim=1)
     return flat, StepInputs(positions=positions, attn_bias=None, start=0, is_token=marks)
 
 
+def _token_marks(x: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    """(b, s) bool: which positions of `x` hold tokens (all, where `inputs` marks no padding)."""
+    if inputs.is_token is not None:
+        return inputs.is_token
+    return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+
+
 def split_positions(y: torch.Tensor, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """`y` (1, sum of b * s, d) from `positions_as_one(xs, ...)` cut back into the batches' shapes."""
-    return [part.view(x.shape[:2] + part.shape[-1:])
+    return [part.reshape(x.shape[:2] + part.shape[-1:])
             for part, x in zip(y[0].split([x.shape[0] * x.shape[1] for x in xs]), xs)]
 
 

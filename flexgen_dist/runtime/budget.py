@@ -51,9 +51,9 @@ def expert_kernel_bytes(layers: list[Layer], dtype: torch.dtype) -> int:
 CACHE_SHARE = 0.5
 
 
-# routed-expert tensors read ahead of the math in a layer whose batches run together (`runs_together`):
+# routed experts read ahead of the math in a layer whose batches run together (`runs_together`):
 # a few experts' reads in flight keep the disk busy while one is multiplied
-EXPERT_READ_AHEAD = 24
+EXPERT_READ_AHEAD = 8
 
 
 def runs_together(layer: Layer, policy: Policy) -> bool:
@@ -65,15 +65,19 @@ def runs_together(layer: Layer, policy: Policy) -> bool:
     return layer.per_position and layer.top_k > 0 and policy.act_tier is Tier.COMPUTE
 
 
-def routed_reads(layer: Layer, policy: Policy, sizes: list[int]) -> int:
-    """Host bytes one use of `layer` holds for the reads of its disk-homed routed experts (`sizes`,
-    stored bytes each): all of them where each batch computes on its own (a large block routes to
-    every expert, and a batch's experts are kept for the next), else the read-ahead window and the
-    expert being multiplied."""
+def tensors_per_expert(layer: Layer) -> int:
+    """The stored tensors of each of the layer's routed experts (gate, up, down; gpt-oss adds biases)."""
+    return max(collections.Counter(w.expert for w in layer.weights if w.expert is not None).values(), default=0)
+
+
+def routed_window(layer: Layer, policy: Policy, sizes: dict[int, int]) -> int:
+    """Bytes one use of `layer` holds at once of its routed experts' per-use bytes (`sizes`, by
+    expert): all of them where each batch computes on its own (a large block routes to every
+    expert, and a batch's experts are kept for the next), else the read-ahead window and the
+    expert being multiplied (the largest ones, an upper bound)."""
     if not runs_together(layer, policy):
-        return sum(sizes)
-    per_expert = max(collections.Counter(w.expert for w in layer.weights if w.expert is not None).values())
-    return sum(sorted(sizes, reverse=True)[:EXPERT_READ_AHEAD + per_expert])
+        return sum(sizes.values())
+    return sum(sorted(sizes.values(), reverse=True)[:EXPERT_READ_AHEAD + 1])
 
 
 class NotEnoughMemory(FlexGenError):
@@ -114,8 +118,10 @@ def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is
     """Weights at their homes (FlexGen's per-layer rule on stored bytes, as the executor places
     them), plus the compute-side buffers of the two layers in flight (weights read, copied or
     decompressed for one use), the host read buffers of disk-homed weights and of one layer's
-    disk-homed routed experts, and the expert cache (`Policy.expert_cache_gib`, at most what it
-    could hold: `cacheable_expert_bytes`). `int4_kernel`: the engine multiplies 4-bit weights from
+    disk-homed routed experts (of a layer whose batches run together, the read-ahead window:
+    `routed_window`), the expert cache (`Policy.expert_cache_gib`, at most what it could hold:
+    `cacheable_expert_bytes`) and, on a CPU, the experts' kernels (`expert_kernel_bytes`).
+    `int4_kernel`: the engine multiplies 4-bit weights from
     their codes (`Int4Choice.use`), so those that reach the math packed are used like plain ones,
     where they rest or copied packed; on a CPU a product with more rows than the kernel takes
     dequantizes one at a time into one reused buffer, counted at the largest."""
@@ -143,20 +149,15 @@ def weight_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, host_is
     homes = weight_homes(layers, policy, stored)
     plan, in_flight, disk_reads, expert_reads, dequantized = Plan(), [], [], [], 0
     for layer in layers:
-        moved = disk = 0
-        experts = []
+        moved, read = collections.Counter(), collections.Counter()  # by expert (None: the dense weights)
         for w in layer.weights:
-            tier, size = homes[w.name], stored(w)
-            if tier is Tier.DISK and w.expert is not None:  # read into buffers of its own, when routed to
-                experts.append(size)
-            elif tier is Tier.DISK:
-                disk += size
-            moved += moved_for_use(w, tier)
+            moved[w.expert] += moved_for_use(w, homes[w.name])
+            read[w.expert] += stored(w) if homes[w.name] is Tier.DISK else 0
             if packed(w) and host_is_compute:
                 dequantized = max(dequantized, torch.Size(w.shape).numel() * _elem(dtype))
-        in_flight.append(moved)
-        disk_reads.append(disk)
-        expert_reads.append(routed_reads(layer, policy, experts) if experts else 0)
+        in_flight.append(moved.pop(None, 0) + routed_window(layer, policy, moved))
+        disk_reads.append(read.pop(None, 0))
+        expert_reads.append(routed_window(layer, policy, read))  # into buffers of their own, when routed to
     sizes = {w.name: stored(w) for layer in layers for w in layer.weights}
     for name, tier in homes.items():
         plan.add(tier, "weights", sizes[name])
@@ -209,9 +210,10 @@ def memory_left(plan: Plan, compute: torch.device) -> int:
     return int(available / MARGIN) - plan.total(Tier.COMPUTE) - plan.total(Tier.HOST)
 
 
-# hidden-state-sized tensors a layer run over every batch at once holds at its peak (`runs_together`):
-# its input gathered, normed and routed, the sum of its experts' outputs, and its output
-TOGETHER_COPIES = 5
+# hidden-state-sized tensors a layer run over every batch at once holds at its peak (`runs_together`),
+# besides its widest products (gate, up and their product): its input gathered, normed and routed,
+# the sum of its experts' outputs, the shared expert's output and its own output
+TOGETHER_COPIES = 6
 
 SCRATCH_CACHE = (100.0, 0.0, 0.0)  # a scoring block's keys and values: on the compute device, never stored
 
@@ -242,9 +244,18 @@ def block_plan(layers: list[Layer], policy: Policy, dtype: torch.dtype, micro_ba
         logits = min(gbs * scored * vocab, max(SCORE_CHUNK, gbs * vocab)) * 4 * 3
     prefill = gbs * prompt_len * (3 * widest * elem + heads * prompt_len * 4) + logits  # query heads' scores
     plan.add(Tier.COMPUTE, "prefill intermediates", prefill)
-    if any(runs_together(layer, policy) for layer in layers):  # every batch's positions in one call:
-        plan.add(Tier.COMPUTE, "batches run together", TOGETHER_COPIES * rows * prompt_len * hidden * elem)
+    together = [layer for layer in layers if runs_together(layer, policy)]
+    if together:  # every batch of a micro-batch group in one call (one group at a time):
+        tokens = policy.block_size * prompt_len
+        plan.add(Tier.COMPUTE, "batches run together",
+                 tokens * (TOGETHER_COPIES * hidden + 3 * max(map(_widest, together))) * elem)
     return plan
+
+
+def _widest(layer: Layer) -> int:
+    """The widest output of the layer's matmul weights: a product's intermediate that may take
+    every token at once (the shared expert's; a routed expert's, where all tokens choose it)."""
+    return max((w.shape[0] for w in layer.weights if w.linear and len(w.shape) == 2), default=0)
 
 
 def within(plan: Plan, earlier: Plan) -> bool:

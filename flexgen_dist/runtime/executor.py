@@ -2,8 +2,10 @@
 
 For every token step: each layer's weights are loaded once and used by all `num_gpu_batches`
 batches; while batch k computes, the next (layer, batch)'s KV cache and the next layer's weights
-load on I/O threads, and batch k's new KV is stored in the background. `overlap=False` runs the
-same schedule with every load and store done inline.
+load on I/O threads, and batch k's new KV is stored in the background. A layer with routed experts
+runs every batch at once where the activations live on the compute device (`budget.runs_together`):
+its experts are read a window ahead of the math and each used once. `overlap=False` runs the same
+schedule with every load and store done inline.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from ..storage.homes import WeightHome, WeightSource, reaches_math_packed
 from ..storage.kvcache import KVCache
 from ..system.io import ReadSlab
 from ..system.limits import share_one_allocator_arena, trim_allocator
-from .budget import EXPERT_READ_AHEAD, SCRATCH_CACHE, runs_together
+from .budget import EXPERT_READ_AHEAD, SCRATCH_CACHE, runs_together, tensors_per_expert
 from .expertcache import ExpertCache
 
 IO_THREADS = 4
@@ -60,10 +62,11 @@ class LoadedWeights:
     tensors: LayerWeights
     eager_moved: int  # bytes the up-front load materialised on the compute tier for this use only
 
-    @property
-    def moved_bytes(self) -> int:
-        """Bytes materialised on the compute tier for this use only, routed experts' included."""
-        return self.eager_moved + self.tensors.moved_bytes
+    def release(self) -> int:
+        """End this use: the bytes it still holds on the compute tier (routed experts' included),
+        for the caller to give back; expert loads still running are waited for, those not started
+        are dropped."""
+        return self.eager_moved + self.tensors.release()
 
 
 class LayerWeights(Mapping):
@@ -74,19 +77,21 @@ class LayerWeights(Mapping):
     own read is done: the math computes the first expert while the next ones are still read.
 
     `read_ahead` (a layer whose batches run together: each expert is asked for once): an expert's
-    tensor is handed over and not kept, and at most `read_ahead` loads are in flight or waiting to
-    be taken, so the layer's experts are never all in memory at once."""
+    tensors are handed over and not kept, and at most `read_ahead` loads are in flight or waiting to
+    be taken, so the layer's experts are never all in memory at once. An expert's tensors are taken
+    together and used before the next expert's are asked for, so its bytes are given back
+    (`release_bytes`) when a tensor of another expert is taken."""
 
-    def __init__(self, tensors: dict, lazy: dict[str, WeightHome], load, read_ahead: int | None = None,
-                 release=None):
+    def __init__(self, tensors: dict, lazy: dict[str, WeightHome], load, experts: dict[str, int] | None = None,
+                 read_ahead: int | None = None, release_bytes=None):
         """`load(homes)` -> one future per home of (tensor, bytes it moved onto the compute tier);
-        `release(bytes)`: a handed-over tensor's moved bytes are given up (with `read_ahead`)."""
+        `experts`: the expert each lazy key belongs to (needed with `read_ahead`)."""
         self.tensors, self.lazy, self._load = tensors, lazy, load
-        self.read_ahead, self._release = read_ahead, release
+        self.experts, self.read_ahead, self._release_bytes = experts or {}, read_ahead, release_bytes
         self.pending: dict[str, Future] = {}
-        self.queued: list[str] = []  # asked for, not yet started (beyond the read-ahead)
-        self._moved = 0  # moved bytes still held by this use
-        self._handed = 0  # moved bytes of the last tensor handed over and not kept (read_ahead)
+        self.queued: list[str] = []  # asked for, not started yet (beyond the read-ahead)
+        self._moved = 0  # moved bytes kept by this use (without read-ahead)
+        self._in_hand = (None, 0)  # with read-ahead: (expert, moved bytes) of the tensors handed over last
 
     def __getitem__(self, key: str):
         if key in self.tensors:
@@ -101,13 +106,17 @@ class LayerWeights(Mapping):
         if self.read_ahead is None:
             self.tensors[key] = tensor
             self._moved += moved
-            return tensor
-        # the tensor handed over before is taken as used up (the math asks for an expert's tensors
-        # together and multiplies them before asking for the next expert's)
-        self._release(self._handed)
-        self._handed = moved
-        self._start_queued()
+        else:
+            self._hand_over(self.experts[key], moved)
+            self._start_queued()
         return tensor
+
+    def _hand_over(self, expert: int, moved: int) -> None:
+        held_by, held = self._in_hand
+        if held_by != expert:  # the expert handed over before is used up
+            self._release_bytes(held)
+            held = 0
+        self._in_hand = (expert, held + moved)
 
     def __iter__(self):
         return iter(dict.fromkeys([*self.tensors, *self.lazy]))
@@ -117,7 +126,7 @@ class LayerWeights(Mapping):
 
     def prefetch(self, keys: list[str]) -> None:
         """Start loading every key of `keys` not loaded or loading yet, in that order (within the
-        read-ahead: the rest when earlier ones are taken)."""
+        read-ahead: the rest as earlier ones are taken)."""
         waiting = {*self.tensors, *self.pending, *self.queued}
         self.queued += [k for k in dict.fromkeys(keys) if k in self.lazy and k not in waiting]
         self._start_queued()
@@ -128,14 +137,35 @@ class LayerWeights(Mapping):
         if start:
             self.pending.update(zip(start, self._load([self.lazy[k] for k in start])))
 
-    @property
-    def moved_bytes(self) -> int:
-        """Bytes the experts' loads moved onto the compute tier that this use still holds; loads
-        asked for are waited for (and counted), so none is left running or uncounted after the
-        layer's use."""
-        while self.pending or self.queued:
-            self[next(iter(self.pending or self.queued))]
-        return self._moved + self._handed
+    def release(self) -> int:
+        """End this use: loads not started are dropped, those running waited for (a failed one
+        counts nothing: it moved nothing), and the moved bytes this use still holds returned, so
+        none is left running or uncounted after the layer's use. Called once."""
+        self.queued.clear()
+        for future in self.pending.values():
+            if future.exception() is None:
+                self._moved += future.result()[1]
+        self.pending.clear()
+        held = self._in_hand[1]
+        self._in_hand = (None, 0)
+        return self._moved + held
+
+
+class KvLoads:
+    """A step's KV-cache loads in schedule order: the first starts at once, each next one when the
+    one before it is taken, so one load runs ahead of the math."""
+
+    def __init__(self, jobs: list[tuple[int, int]], submit):
+        """`jobs`: the (layer, batch) pairs with a cache, in order; `submit(job)` -> its load's future."""
+        self.jobs, self.submit = jobs, submit
+        self.loads = {jobs[0]: submit(jobs[0])} if jobs else {}
+
+    def take(self, job: tuple[int, int]) -> Future:
+        future = self.loads.pop(job)
+        following = self.jobs.index(job) + 1
+        if following < len(self.jobs):
+            self.loads[self.jobs[following]] = self.submit(self.jobs[following])
+        return future
 
 
 @dataclass
@@ -256,9 +286,11 @@ class LocalExecutor:
             return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == slab_memory
         moved = sum(t.nbytes for t, home in zip(loaded, homes) if t is not home.value and not in_slab(t))
         self.devices.usage[Tier.COMPUTE].add(moved)
-        lazy = {w.key: self.homes[w.name] for w in self.layers[j].weights if w.expert is not None}
-        read_ahead = EXPERT_READ_AHEAD if self._together[j] else None
-        return LoadedWeights(LayerWeights(tensors, lazy, self._load_experts, read_ahead,
+        routed = [w for w in self.layers[j].weights if w.expert is not None]
+        lazy = {w.key: self.homes[w.name] for w in routed}
+        experts = {w.key: w.expert for w in routed}
+        read_ahead = EXPERT_READ_AHEAD * tensors_per_expert(self.layers[j]) if self._together[j] else None
+        return LoadedWeights(LayerWeights(tensors, lazy, self._load_experts, experts, read_ahead,
                                           self.devices.usage[Tier.COMPUTE].sub), moved)
 
     def _load_experts(self, homes: list[WeightHome]) -> list[Future]:
@@ -301,19 +333,20 @@ class LocalExecutor:
         for k, x in enumerate(xs):
             self.acts.put(k, x)
         jobs = [(j, k) for j in range(num_layers) for k in range(n)]
-        cached_jobs = [job for job in jobs if job in caches]
-        kv_loads = {cached_jobs[0]: self._submit_kv_load(cached_jobs[0], inputs, caches)} if cached_jobs else {}
+        kv_loads = KvLoads([job for job in jobs if job in caches], lambda job: self._submit_kv_load(job, inputs, caches))
         for j in range(num_layers):
             weights = self._wait(self._next_weights or self._submit_weights(j))
             self._next_weights = None
             if self.policy.overlap:  # the next layer's weights (layer 0 of the next step at the end)
                 self._next_weights = self._submit_weights((j + 1) % num_layers)
-            if self._together[j]:
-                self._compute_together(j, weights.tensors, inputs)
-            else:
-                for k in range(n):
-                    self._compute_batch(j, k, weights.tensors, inputs, caches, kv_loads, cached_jobs)
-            self.devices.usage[Tier.COMPUTE].sub(weights.moved_bytes)
+            try:
+                if self._together[j]:
+                    self._compute_together(j, weights.tensors, inputs)
+                else:
+                    for k in range(n):
+                        self._compute_batch(j, k, weights.tensors, inputs, caches, kv_loads)
+            finally:  # (a failed step leaves no expert read running)
+                self.devices.usage[Tier.COMPUTE].sub(weights.release())
             del weights
         outputs = [self.acts.get(k) for k in range(n)]
         for k in range(n):
@@ -322,16 +355,10 @@ class LocalExecutor:
         return outputs
 
     def _compute_batch(self, j: int, k: int, weights: LayerWeights, inputs: list[StepInputs],
-                       caches: dict[tuple[int, int], KVCache], kv_loads: dict, cached_jobs: list) -> None:
+                       caches: dict[tuple[int, int], KVCache], kv_loads: KvLoads) -> None:
         """Layer j over batch k: its KV cache waited for (and the next one's load started), the
         new keys and values stored in the background."""
-        kv = None
-        if (j, k) in caches:
-            kv = self._wait(kv_loads.pop((j, k)))
-            following = cached_jobs.index((j, k)) + 1
-            if following < len(cached_jobs):
-                job = cached_jobs[following]
-                kv_loads[job] = self._submit_kv_load(job, inputs, caches)
+        kv = self._wait(kv_loads.take((j, k))) if (j, k) in caches else None
         t0 = time.perf_counter()
         args = (weights, self.acts.get(k), inputs[k]) + ((kv,) if kv is not None else ())
         self.acts.put(k, self.layers[j].forward(*args))
@@ -372,7 +399,7 @@ class LocalExecutor:
             future.result()
         self._pending_stores.clear()
         if self._next_weights is not None:
-            moved = self._next_weights.result().moved_bytes
+            moved = self._next_weights.result().release()
             self.devices.usage[Tier.COMPUTE].sub(moved)
             self._next_weights = None
 
