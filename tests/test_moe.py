@@ -368,6 +368,36 @@ def test_batches_run_together_through_moe_layers(checkpoints, tmp_path, monkeypa
     assert (most[0] <= window) if act == "compute" else (most[0] >= 3 * touched > window)
 
 
+def test_a_step_failing_mid_layer_gives_back_its_experts(checkpoints, tmp_path, monkeypatch):
+    """An error raised while a MoE layer multiplies its experts (reads still running ahead) ends
+    the call with that error; the layer's reads are waited for and their bytes given back, the step's
+    hidden states dropped, so the compute tier's count is where it was before, and the engine runs
+    the next call as before."""
+    from flexgen_dist.core.types import Tier
+    from flexgen_dist.models.moe import model as moe_model
+    path, _, ref = checkpoints["olmoe"]
+    policy = Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=1, num_gpu_batches=len(PROMPTS),
+                                 expert_cache_gib=0)
+    engine = Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path, dtype="float32")
+    real, calls = moe_model.swiglu, [0]
+
+    def failing(*args):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("injected")
+        return real(*args)
+    try:
+        before = engine.devices.usage[Tier.COMPUTE].current
+        monkeypatch.setattr(moe_model, "swiglu", failing)
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+        assert engine.devices.usage[Tier.COMPUTE].current == before
+        monkeypatch.setattr(moe_model, "swiglu", real)
+        assert torch.equal(engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS), ref[0])
+    finally:
+        engine.close()
+
+
 def test_read_ahead_gives_back_each_experts_bytes_once_used():
     """With read-ahead, an expert's moved bytes are held while its tensors are in use (until a tensor
     of another expert is taken), at most the window's loads run at once, and `release` returns what

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +160,11 @@ class KvLoads:
         """`jobs`: the (layer, batch) pairs with a cache, in order; `submit(job)` -> its load's future."""
         self.jobs, self.submit = jobs, submit
         self.loads = {jobs[0]: submit(jobs[0])} if jobs else {}
+
+    def wait(self) -> None:
+        """Wait for the load started ahead and not taken (a step that ended early), whatever its outcome."""
+        futures_wait(list(self.loads.values()))
+        self.loads.clear()
 
     def take(self, job: tuple[int, int]) -> Future:
         future = self.loads.pop(job)
@@ -334,25 +340,31 @@ class LocalExecutor:
             self.acts.put(k, x)
         jobs = [(j, k) for j in range(num_layers) for k in range(n)]
         kv_loads = KvLoads([job for job in jobs if job in caches], lambda job: self._submit_kv_load(job, inputs, caches))
-        for j in range(num_layers):
-            weights = self._wait(self._next_weights or self._submit_weights(j))
-            self._next_weights = None
+        try:
+            for j in range(num_layers):
+                self._compute_layer(j, inputs, caches, kv_loads)
+            return [self.acts.get(k) for k in range(n)]
+        finally:  # a failed step too: no KV load left running into caches about to be freed, no states kept
+            kv_loads.wait()
+            for k in range(n):
+                self.acts.drop(k)
+            trim_allocator()
+
+    def _compute_layer(self, j: int, inputs: list[StepInputs], caches: dict[tuple[int, int], KVCache],
+                       kv_loads: KvLoads) -> None:
+        """Layer j over every batch of the step, its weights loaded (and the next layer's started)."""
+        weights = self._wait(self._next_weights or self._submit_weights(j))
+        self._next_weights = None
+        try:
             if self.policy.overlap:  # the next layer's weights (layer 0 of the next step at the end)
-                self._next_weights = self._submit_weights((j + 1) % num_layers)
-            try:
-                if self._together[j]:
-                    self._compute_together(j, weights.tensors, inputs)
-                else:
-                    for k in range(n):
-                        self._compute_batch(j, k, weights.tensors, inputs, caches, kv_loads)
-            finally:  # (a failed step leaves no expert read running)
-                self.devices.usage[Tier.COMPUTE].sub(weights.release())
-            del weights
-        outputs = [self.acts.get(k) for k in range(n)]
-        for k in range(n):
-            self.acts.drop(k)
-        trim_allocator()
-        return outputs
+                self._next_weights = self._submit_weights((j + 1) % len(self.layers))
+            if self._together[j]:
+                self._compute_together(j, weights.tensors, inputs)
+            else:
+                for k in range(len(inputs)):
+                    self._compute_batch(j, k, weights.tensors, inputs, caches, kv_loads)
+        finally:  # (a failed step leaves no expert read running)
+            self.devices.usage[Tier.COMPUTE].sub(weights.release())
 
     def _compute_batch(self, j: int, k: int, weights: LayerWeights, inputs: list[StepInputs],
                        caches: dict[tuple[int, int], KVCache], kv_loads: KvLoads) -> None:
