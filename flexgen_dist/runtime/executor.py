@@ -152,6 +152,16 @@ class LayerWeights(Mapping):
         return self._moved + held
 
 
+@dataclass(frozen=True)
+class RoutedExperts:
+    """A layer's routed-expert tensors, by layer-local key: where each rests, which expert it is
+    of, and the loads a use of the layer runs ahead of the math (`LayerWeights`)."""
+
+    homes: dict[str, WeightHome]
+    experts: dict[str, int]
+    read_ahead: int | None
+
+
 class KvLoads:
     """A step's KV-cache loads in schedule order: the first starts at once, each next one when the
     one before it is taken, so one load runs ahead of the math."""
@@ -191,6 +201,7 @@ class LocalExecutor:
         share_one_allocator_arena()
         self.homes = self._place_weights(store)
         self._together = [runs_together(layer, policy) for layer in layers]
+        self._routed = [self._routed_experts(j) for j in range(len(layers))]
         self._ready_layers = [all(self.homes[w.name].used_as_is(devices) for w in layer.weights if w.expert is None)
                               for layer in layers]
         self._slabs = self._read_slabs(store)
@@ -238,6 +249,13 @@ class LocalExecutor:
                 home.value = to_device(value, device, pin=tier is Tier.HOST and self.devices.pin_host)
         self.devices.usage[tier].add(home.nbytes)
         return home
+
+    def _routed_experts(self, j: int) -> RoutedExperts:
+        """Layer j's routed experts as each use of it loads them (the same every step)."""
+        routed = [w for w in self.layers[j].weights if w.expert is not None]
+        read_ahead = EXPERT_READ_AHEAD * tensors_per_expert(self.layers[j]) if self._together[j] else None
+        return RoutedExperts({w.key: self.homes[w.name] for w in routed}, {w.key: w.expert for w in routed},
+                             read_ahead)
 
     def weight_bytes(self) -> dict[Tier, int]:
         out = {t: 0 for t in Tier}
@@ -292,12 +310,9 @@ class LocalExecutor:
             return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == slab_memory
         moved = sum(t.nbytes for t, home in zip(loaded, homes) if t is not home.value and not in_slab(t))
         self.devices.usage[Tier.COMPUTE].add(moved)
-        routed = [w for w in self.layers[j].weights if w.expert is not None]
-        lazy = {w.key: self.homes[w.name] for w in routed}
-        experts = {w.key: w.expert for w in routed}
-        read_ahead = EXPERT_READ_AHEAD * tensors_per_expert(self.layers[j]) if self._together[j] else None
-        return LoadedWeights(LayerWeights(tensors, lazy, self._load_experts, experts, read_ahead,
-                                          self.devices.usage[Tier.COMPUTE].sub), moved)
+        routed = self._routed[j]
+        return LoadedWeights(LayerWeights(tensors, routed.homes, self._load_experts, routed.experts,
+                                          routed.read_ahead, self.devices.usage[Tier.COMPUTE].sub), moved)
 
     def _load_experts(self, homes: list[WeightHome]) -> list[Future]:
         """Experts' tensors on the compute device, one future each of (tensor, bytes moved onto the
